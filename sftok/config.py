@@ -1,0 +1,418 @@
+"""One typed configuration for the whole project: model, teacher, losses, data, the three training stages,
+evaluation, tracking and the Ray cluster.
+
+Why one tree of dataclasses: every run saves the *resolved* config (YAML next to its checkpoints, params and
+an artifact in MLflow), so a result can always be traced back to every knob that produced it. Presets are
+small YAML files that override the defaults below (``experiments/presets/{tiny,b64,l64}.yaml``); on top of
+a preset, dotted overrides such as ``stage2.replace_prob=0.5`` change single values. Unknown keys and
+values of the wrong type are refused with a message that names the closest valid key.
+
+This module is plain Python (dataclasses + PyYAML): the pure-PyTorch library and the Ray platform share it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "experiments" / "presets"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work. The message always says how to fix it."""
+
+
+# ######################################################################################################
+# Sections
+# ######################################################################################################
+
+@dataclass
+class ModelConfig:
+    """Tokenizer architecture (SPEC A/B). Sizes name rows of ``sftok.registry.VIT_SIZES``."""
+    encoder_size: str = "base"          # tiny | small | base | large (width/layers/heads table)
+    decoder_size: str = "base"          # SFTok-B: base, SFTok-L: large
+    image_size: int = 256
+    patch_size: int = 16
+    num_latent_tokens: int = 64
+    token_size: int = 32                # dimension of one latent token / OptVQ code
+    codebook_size: int = 8192           # OptVQ codes (the 64 tokens index this)
+    commitment_cost: float = 0.25
+    sinkhorn_iters: int = 5
+    sinkhorn_epsilon: float = 10.0
+    # "batch": official Sinkhorn over the whole batch (tokens depend on the other images);
+    # "per_image": Sinkhorn per image, so a token never depends on its batch neighbours.
+    assignment: str = "batch"
+    teacher_codebook_size: int = 1024   # proxy-code vocabulary (MaskGIT-VQGAN); mask id = this value
+    num_proxy_codes: int = 256          # 16 x 16 teacher code grid
+    pixel_head: bool = True             # stage 3 / inference layout: pixel_quantize + pixel_decoder
+    pixel_hidden_channels: int = 128    # MaskGIT-VQGAN decoder width (tiny reference: 32)
+    pixel_z_channels: int = 256
+
+
+@dataclass
+class TeacherConfig:
+    """The frozen MaskGIT-VQGAN that provides proxy codes (stages 1-2) and initialises ``pixel_*`` (stage 3).
+
+    ``weights``: path to ``maskgit-vqgan-imagenet-f16-256.bin`` (HF ``fun-research/TiTok``). When it is
+    empty the pipeline trains a teacher of the same architecture on the data first (stage 0).
+    """
+    weights: str = ""
+    hidden_channels: int = 128
+    codebook_size: int = 1024
+    z_channels: int = 256
+
+
+@dataclass
+class StageConfig:
+    """Optimisation of one training stage. ``steps`` counts optimiser updates."""
+    steps: int = 200_000
+    global_batch_size: int = 256        # images per optimiser update, independent of the worker count
+    grad_accum: int = 1                 # micro-batches per update on each worker
+    lr: float = 1e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 10_000
+    beta1: float = 0.9
+    beta2: float = 0.99
+    weight_decay: float = 1e-4
+    # SFVR (stage 2) and stage 3 masking
+    replace_prob: float = 1.0           # visible slot takes the model's own step-1 prediction with this prob.
+    unmasked_weight: float = 0.1        # CE weight of visible slots (masked slots weigh 1.0)
+    quantizer_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    """Stage-3 pixel losses and the external weights they need (local paths only; nothing is downloaded)."""
+    reconstruction_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    vgg16_weights: str = ""             # torchvision vgg16 IMAGENET1K_V1 state_dict (vgg16-397923af.pth)
+    lpips_heads: str = ""               # LPIPS linear heads (taming/lpips 'vgg.pth')
+    discriminator_weight: float = 0.5
+    discriminator_factor: float = 1.0
+    discriminator_start: int = 20_000
+    discriminator_lr: float = 1e-4
+    lecam_weight: float = 0.001
+    dino_weights: str = ""              # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth)
+    diffaug_cutout: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    """Where the Parquet shards are, and how to make the built-in set when there are none."""
+    path: str = ""                      # shards dir (local, NFS or s3://); empty = <run root>/data/synthetic
+    synthetic_images: int = 2000        # size of the built-in data set made when ``path`` is empty
+    synthetic_val_images: int = 200
+    seed: int = 0
+    shuffle_seed: int = 0
+    use_proxy_codes: bool = False       # read precomputed teacher codes (center crop) instead of on the fly
+
+
+@dataclass
+class TrainConfig:
+    """How every stage runs on the cluster."""
+    workers: int = 1
+    gpu: bool = False
+    cpus_per_worker: int = 1
+    precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    seed: int = 42
+    log_every: int = 10
+    checkpoint_every: int = 100
+    image_every: int = 0                # 0 = only at the end of a stage
+    max_failures: int = 2
+    num_to_keep: int = 2
+    compile: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Reconstruction evaluation (SPEC E)."""
+    steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    temperature: float = 0.0            # 0 = deterministic decoding; the official default is 1.0
+    max_images: int = 0                 # 0 = the whole split
+    batch_size: int = 32
+    inception_weights: str = ""         # pt_inception-2015-12-05-6726825d.pth; empty = random (not comparable)
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow, owned by the project (not Ray's logger callback)."""
+    uri: str = ""                       # empty = sqlite:///<run root>/mlflow.db
+    experiment: str = "sftok"
+    registered_model: str = "sftok"
+    alias: str = "latest"
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Identity and location of a pipeline run. The same name resumes; a new name starts afresh."""
+    name: str = "default"
+    root: str = "runs"                  # local dir, NFS path, or s3:// URI (checkpoints, Ray storage)
+    stages: list[str] = field(default_factory=lambda: ["stage0", "stage1", "stage2", "stage3"])
+
+
+@dataclass
+class GeneratorConfig:
+    """MaskGIT class-conditional generator over the 64 tokens (SPEC D), the optional stage 4."""
+    enabled: bool = False
+    width: int = 768
+    layers: int = 24
+    heads: int = 16
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    class_dropout: float = 0.1
+    steps: int = 1_000_000
+    global_batch_size: int = 1024
+    lr: float = 2e-4
+    end_lr: float = 1e-5
+    warmup_steps: int = 10_000
+    beta1: float = 0.9
+    beta2: float = 0.96
+    weight_decay: float = 0.03
+    sample_steps: int = 8
+    guidance_scale: float = 4.5
+    temperature: float = 1.0
+    samples_per_class: int = 50
+    reference_stats: str = ""           # .npz with mu/sigma (e.g. ADM VIRTUAL_imagenet256_labeled.npz)
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one run."""
+    preset: str = "b64"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage0: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=100_000, beta2=0.99, warmup_steps=5_000))
+    stage1: StageConfig = field(default_factory=StageConfig)
+    stage2: StageConfig = field(default_factory=StageConfig)
+    stage3: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=1_000_000, global_batch_size=128, warmup_steps=5_000, beta2=0.999))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+
+    # -------------------------------------------------------------------------------- conversions
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml())
+        return path
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted ``section.key -> value`` pairs (MLflow params)."""
+        return _flatten(self.to_dict())
+
+    def validate(self) -> "Config":
+        """Refuse values that cannot work together; every message says how to fix it."""
+        from sftok.registry import VIT_SIZES  # local import: registry imports this module's dataclasses
+        m = self.model
+        for key in ("encoder_size", "decoder_size"):
+            if getattr(m, key) not in VIT_SIZES:
+                raise ConfigError(f"model.{key}={getattr(m, key)!r} is not a known size; "
+                                  f"use one of {sorted(VIT_SIZES)}.")
+        if m.image_size % m.patch_size:
+            raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size="
+                              f"{m.patch_size}; pick sizes that divide.")
+        grid = (m.image_size // m.patch_size) ** 2
+        if m.num_proxy_codes != grid:
+            raise ConfigError(f"model.num_proxy_codes={m.num_proxy_codes} must equal the teacher code grid "
+                              f"(image_size/patch_size)^2 = {grid}; set model.num_proxy_codes={grid}.")
+        if m.assignment not in ("batch", "per_image"):
+            raise ConfigError(f"model.assignment={m.assignment!r}: use 'batch' (official) or 'per_image'.")
+        if m.teacher_codebook_size != self.teacher.codebook_size:
+            raise ConfigError(f"model.teacher_codebook_size={m.teacher_codebook_size} differs from "
+                              f"teacher.codebook_size={self.teacher.codebook_size}; set both to the same value.")
+        if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16.")
+        if self.train.workers < 1:
+            raise ConfigError(f"train.workers={self.train.workers}: need at least 1 worker.")
+        for name in ("stage0", "stage1", "stage2", "stage3"):
+            st: StageConfig = getattr(self, name)
+            per_update = self.train.workers * st.grad_accum
+            if st.global_batch_size % per_update:
+                raise ConfigError(
+                    f"{name}.global_batch_size={st.global_batch_size} is not divisible by train.workers x "
+                    f"{name}.grad_accum = {self.train.workers} x {st.grad_accum}; choose a global batch that is "
+                    f"a multiple of {per_update} or change the worker count.")
+            if not 0.0 <= st.replace_prob <= 1.0:
+                raise ConfigError(f"{name}.replace_prob={st.replace_prob} must lie in [0, 1].")
+            if st.steps < 0 or st.warmup_steps < 0:
+                raise ConfigError(f"{name}.steps and {name}.warmup_steps must be >= 0.")
+        unknown = set(self.run.stages) - {"stage0", "stage1", "stage2", "stage3", "stage4"}
+        if unknown:
+            raise ConfigError(f"run.stages has unknown entries {sorted(unknown)}; "
+                              "use a subset of stage0, stage1, stage2, stage3, stage4.")
+        return self
+
+
+# ######################################################################################################
+# Loading: defaults <- preset YAML <- dotted overrides
+# ######################################################################################################
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | dict | None = None,
+                *, validate: bool = True) -> Config:
+    """Build a :class:`Config`.
+
+    Args:
+        preset: a preset name (``tiny``, ``b64``, ``l64``) or the path of a YAML file (a preset, or a
+            resolved config saved by an earlier run). ``None`` keeps the dataclass defaults.
+        overrides: ``["stage2.replace_prob=0.5", ...]`` (values parsed as YAML) or a nested/dotted dict.
+    """
+    cfg = Config()
+    if preset is not None:
+        path = Path(preset)
+        if not path.suffix:
+            path = PRESET_DIR / f"{preset}.yaml"
+            if not path.exists():
+                raise ConfigError(f"unknown preset {str(preset)!r}; available: {', '.join(list_presets())} "
+                                  f"(or pass the path of a YAML file).")
+        elif not path.exists():
+            raise ConfigError(f"config file {str(path)!r} does not exist.")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}.")
+        data.setdefault("preset", path.stem if path.parent == PRESET_DIR else data.get("preset", str(path)))
+        _merge(cfg, data, where=str(path))
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for dotted, value in items:
+            apply_override(cfg, dotted, value)
+    return cfg.validate() if validate else cfg
+
+
+def apply_override(cfg: Any, dotted: str, value: Any) -> None:
+    """Set ``cfg.a.b.c = value`` with type checking; unknown keys raise :class:`ConfigError`."""
+    parts = dotted.split(".")
+    target = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(target):
+            raise ConfigError(f"{'.'.join(parts[:i])} is a value, not a section: cannot set {dotted}.")
+        names = [f.name for f in dataclasses.fields(target)]
+        if part not in names:
+            prefix = ".".join(parts[:i])
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {dotted!r}.{hint} Valid keys here: {', '.join(names)}.")
+        if i == len(parts) - 1:
+            f = next(f for f in dataclasses.fields(target) if f.name == part)
+            current = getattr(target, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{dotted} is a section; set its keys, e.g. {dotted}.<key>=...")
+                _merge(current, value, where=dotted)
+            else:
+                setattr(target, part, _coerce(value, _field_type(target, f), dotted))
+        else:
+            target = getattr(target, part)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. stage2.replace_prob=0.5).")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _merge(target: Any, data: dict, where: str) -> None:
+    for key, value in data.items():
+        try:
+            apply_override(target, str(key), value)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+
+
+def _field_type(obj: Any, f: dataclasses.Field) -> Any:
+    hints = typing.get_type_hints(type(obj))
+    return hints.get(f.name, f.type)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        elem = args[0] if args else Any
+        return [_coerce(v, elem, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key} expects true/false, got {value!r}.")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key} expects an integer, got {value!r}.")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"{key} expects a number, got {value!r}.") from None
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key} expects a string, got {value!r}.")
+        return str(value)
+    return value
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+__all__ = [
+    "Config", "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "LossConfig", "DataConfig",
+    "TrainConfig", "EvalConfig", "TrackingConfig", "RunConfig", "GeneratorConfig", "load_config",
+    "apply_override", "list_presets", "PRESET_DIR",
+]

@@ -1,0 +1,48 @@
+"""Name -> architecture registry (timm/DiT style): ``sftok.create_model("sftok_b64")``.
+
+The ViT size table is shared by the encoder and the multi-step decoder (SPEC B.1). ``tiny`` is the size
+of the official reference bundle in ``shared/reference`` (width 128, 2 layers, 4 heads) and is what the
+tests and the CPU default pipeline use.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from sftok.config import ConfigError, ModelConfig
+
+# name: (width, layers, heads)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (128, 2, 4),
+    "small": (512, 8, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
+MODEL_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
+    # tiny: the reference bundle (codebook 1024, pixel decoder hidden 32)
+    "sftok_tiny": lambda: ModelConfig(encoder_size="tiny", decoder_size="tiny", codebook_size=1024,
+                                      pixel_hidden_channels=32),
+    "sftok_b64": lambda: ModelConfig(encoder_size="base", decoder_size="base"),
+    "sftok_l64": lambda: ModelConfig(encoder_size="base", decoder_size="large"),
+}
+# stage-1/2 layouts: same tokenizer without the pixel head (official finetune_decoder=False)
+for _name in list(MODEL_CONFIGS):
+    MODEL_CONFIGS[f"{_name}_stage12"] = (lambda f: lambda: dataclasses.replace(f(), pixel_head=False))(
+        MODEL_CONFIGS[_name])
+
+
+def list_models() -> list[str]:
+    return sorted(MODEL_CONFIGS)
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+    """The :class:`ModelConfig` registered under ``name``, with keyword overrides."""
+    if name not in MODEL_CONFIGS:
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
+    cfg = MODEL_CONFIGS[name]()
+    names = {f.name for f in dataclasses.fields(cfg)}
+    bad = set(overrides) - names
+    if bad:
+        raise ConfigError(f"unknown ModelConfig fields {sorted(bad)}; valid: {sorted(names)}.")
+    return dataclasses.replace(cfg, **overrides)
