@@ -46,3 +46,19 @@ def model_config(name: str, **overrides) -> ModelConfig:
     if bad:
         raise ConfigError(f"unknown ModelConfig fields {sorted(bad)}; valid: {sorted(names)}.")
     return dataclasses.replace(cfg, **overrides)
+
+
+def create_model(name: str, device: "str | None" = None, **overrides):
+    """Build ``SFTok`` from a registered name (``sftok_tiny``, ``sftok_b64``, ``sftok_l64``, ``*_stage12``).
+
+    Keyword overrides change single :class:`ModelConfig` fields (e.g. ``assignment="per_image"``).
+    ``device="meta"`` builds the module without allocating weights (parameter counts, key listings).
+    """
+    import contextlib
+
+    import torch
+
+    from sftok.model import SFTok
+    cfg = model_config(name, **overrides)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return SFTok(cfg)

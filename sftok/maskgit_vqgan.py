@@ -1,0 +1,216 @@
+"""MaskGIT-VQGAN f16 (the open-muse port TiTok and SFTok use): the teacher and the stage-3 pixel head (SPEC B.4).
+
+Convolutions use TensorFlow "same" padding (timm's ``create_conv2d(padding="same")``: a static symmetric
+pad for the stride-1 convs used here, so channels-last kernels apply). GroupNorm(32, eps 1e-6) + SiLU, no
+attention. Quirk kept on purpose: in a ResNet block whose channel count changes, the 1x1 ``nin_shortcut``
+is applied to the block's *output* (out = h + nin(h)); the released weights depend on it.
+
+Modules are constructed in the official order so that ``torch.manual_seed(s)`` + construction draws the
+same random weights as the official classes.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from timm.layers import create_conv2d
+from torch import nn
+
+CHANNEL_MULT = (1, 1, 2, 2, 4)
+TEACHER_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
+TEACHER_SOURCE = "the Hugging Face repo fun-research/TiTok"
+
+
+def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
+    return create_conv2d(cin, cout, k, stride=1, padding="same", bias=bias)
+
+
+def _norm(c: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, c, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.norm1 = _norm(cin)
+        self.conv1 = _conv(cin, cout, 3, bias=False)
+        self.norm2 = _norm(cout)
+        self.conv2 = _conv(cout, cout, 3, bias=False)
+        if cin != cout:
+            self.nin_shortcut = _conv(cout, cout, 1, bias=False)   # acts on the output (port quirk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        residual = self.nin_shortcut(h) if hasattr(self, "nin_shortcut") else x
+        return h + residual
+
+
+class DownsamplingBlock(nn.Module):
+    def __init__(self, hidden: int, level: int, num_res_blocks: int = 2):
+        super().__init__()
+        mult_in = (1,) + CHANNEL_MULT
+        cin, cout = hidden * mult_in[level], hidden * CHANNEL_MULT[level]
+        self.block = nn.ModuleList()
+        for _ in range(num_res_blocks):
+            self.block.append(ResnetBlock(cin, cout))
+            cin = cout
+        self.downsample = level != len(CHANNEL_MULT) - 1
+
+    def forward(self, x):
+        for b in self.block:
+            x = b(x)
+        return F.avg_pool2d(x, kernel_size=2, stride=2) if self.downsample else x
+
+
+class UpsamplingBlock(nn.Module):
+    def __init__(self, hidden: int, level: int, num_res_blocks: int = 2):
+        super().__init__()
+        last = level == len(CHANNEL_MULT) - 1
+        cin = hidden * (CHANNEL_MULT[-1] if last else CHANNEL_MULT[level + 1])
+        cout = hidden * CHANNEL_MULT[level]
+        self.block = nn.ModuleList()
+        for _ in range(num_res_blocks):
+            self.block.append(ResnetBlock(cin, cout))
+            cin = cout
+        self.add_upsample = level != 0
+        if self.add_upsample:
+            self.upsample_conv = _conv(cout, cout, 3)
+
+    def forward(self, x):
+        for b in self.block:
+            x = b(x)
+        if self.add_upsample:
+            x = self.upsample_conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return x
+
+
+class Encoder(nn.Module):
+    """[B,3,256,256] in [0,1] -> [B, z_channels, 16, 16]."""
+
+    def __init__(self, hidden_channels: int = 128, z_channels: int = 256, num_res_blocks: int = 2):
+        super().__init__()
+        self.conv_in = _conv(3, hidden_channels, 3, bias=False)
+        self.down = nn.ModuleList([DownsamplingBlock(hidden_channels, i, num_res_blocks)
+                                   for i in range(len(CHANNEL_MULT))])
+        mid = hidden_channels * CHANNEL_MULT[-1]
+        self.mid = nn.ModuleList([ResnetBlock(mid, mid) for _ in range(num_res_blocks)])
+        self.norm_out = _norm(mid)
+        self.conv_out = _conv(mid, z_channels, 1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for b in self.down:
+            x = b(x)
+        for b in self.mid:
+            x = b(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """[B, z_channels, 16, 16] -> [B, 3, 256, 256] (unclamped). Levels run up.4 -> up.0."""
+
+    def __init__(self, hidden_channels: int = 128, z_channels: int = 256, num_res_blocks: int = 2):
+        super().__init__()
+        block_in = hidden_channels * CHANNEL_MULT[-1]
+        self.conv_in = _conv(z_channels, block_in, 3)
+        self.mid = nn.ModuleList([ResnetBlock(block_in, block_in) for _ in range(num_res_blocks)])
+        # built lowest resolution first (official construction order), stored as up.0 .. up.4
+        ups = [UpsamplingBlock(hidden_channels, i, num_res_blocks) for i in reversed(range(len(CHANNEL_MULT)))]
+        self.up = nn.ModuleList(list(reversed(ups)))
+        self.norm_out = _norm(hidden_channels * CHANNEL_MULT[0])
+        self.conv_out = _conv(hidden_channels * CHANNEL_MULT[0], 3, 3)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for b in self.mid:
+            x = b(x)
+        for b in reversed(self.up):
+            x = b(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+class VectorQuantizer(nn.Module):
+    """Plain squared-L2 argmin over an Embedding(codebook_size, dim) codebook (no normalisation)."""
+
+    def __init__(self, num_embeddings: int = 1024, embedding_dim: int = 256, commitment_cost: float = 0.25):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.commitment_cost = num_embeddings, embedding_dim, commitment_cost
+        self.embedding = nn.Embedding(num_embeddings, embedding_dim)
+        self.embedding.weight.data.uniform_(-1.0 / num_embeddings, 1.0 / num_embeddings)
+
+    def codes(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> argmin code ids [B, H*W] (row-major), same arithmetic as the port (addmm)."""
+        flat = h.permute(0, 2, 3, 1).reshape(-1, self.embedding_dim)
+        e = self.embedding.weight.t()
+        d = torch.addmm(flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(0, keepdim=True), flat, e, alpha=-2.0)
+        return d.argmin(dim=1).view(h.shape[0], -1)
+
+    def get_codebook_entry(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [B, N] (N a square) -> [B, dim, sqrt(N), sqrt(N)]."""
+        B, N = ids.shape
+        side = math.isqrt(N)
+        return self.embedding(ids).view(B, side, side, -1).permute(0, 3, 1, 2)
+
+    def forward(self, h: torch.Tensor):
+        """Straight-through quantization with the port's loss (codebook + commitment-weighted term)."""
+        ids = self.codes(h)
+        z_q = self.get_codebook_entry(ids)
+        # the port weights the *codebook* term with commitment_cost (its naming is swapped); kept as is
+        loss = torch.mean((z_q.detach() - h) ** 2) + self.commitment_cost * torch.mean((z_q - h.detach()) ** 2)
+        return h + (z_q - h).detach(), ids, loss
+
+
+class MaskGITVQGAN(nn.Module):
+    """The teacher: ``encoder``, ``decoder``, ``quantize`` with the official checkpoint keys."""
+
+    def __init__(self, hidden_channels: int = 128, codebook_size: int = 1024, z_channels: int = 256):
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.encoder = Encoder(hidden_channels, z_channels)
+        self.decoder = Decoder(hidden_channels, z_channels)
+        self.quantize = VectorQuantizer(codebook_size, z_channels)
+
+    @torch.no_grad()
+    def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [0,1] -> proxy codes [B, (H/16)*(W/16)] (row-major)."""
+        return self.quantize.codes(self.encoder(images))
+
+    @torch.no_grad()
+    def decode_codes(self, ids: torch.Tensor) -> torch.Tensor:
+        """Proxy codes [B, 256] -> images [B,3,256,256] clamped to [0,1]."""
+        return self.decoder(self.quantize.get_codebook_entry(ids)).clamp(0.0, 1.0)
+
+    def forward(self, images: torch.Tensor):
+        """Trainable path (stage 0): (unclamped reconstruction, {"quantizer_loss", "codes"})."""
+        z_q, ids, loss = self.quantize(self.encoder(images))
+        return self.decoder(z_q), {"quantizer_loss": loss, "codes": ids}
+
+
+def load_teacher(path: str | os.PathLike, hidden_channels: int = 128, codebook_size: int = 1024,
+                 z_channels: int = 256) -> MaskGITVQGAN:
+    """Strictly load the official teacher weights (``.bin`` via weights_only, or ``.safetensors``)."""
+    from sftok.checkpoint import read_state_dict  # local import: checkpoint imports this module
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher weights not found at {str(path)!r}. Download {TEACHER_FILE} from {TEACHER_SOURCE} "
+            f"and set teacher.weights to its local path (nothing is downloaded at run time), or leave it "
+            f"empty to train a teacher on your data first (stage 0).")
+    state = read_state_dict(path)
+    teacher = MaskGITVQGAN(hidden_channels, codebook_size, z_channels)
+    try:
+        teacher.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} is not a MaskGIT-VQGAN checkpoint with hidden_channels={hidden_channels}: "
+                         f"{_short(e)} Check teacher.hidden_channels (official: 128).") from None
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def _short(e: Exception, limit: int = 600) -> str:
+    s = str(e)
+    return s if len(s) <= limit else s[:limit] + " ..."
