@@ -149,7 +149,7 @@ class TrackingConfig:
     uri: str = ""                       # empty = sqlite:///<run root>/mlflow.db
     experiment: str = "sftok"
     registered_model: str = "sftok"
-    alias: str = "latest"
+    alias: str = "current"               # MLflow reserves "latest" and "v<N>" as alias names
     system_metrics: bool = True
 
 
