@@ -90,7 +90,11 @@ class StageConfig:
 
 @dataclass
 class LossConfig:
-    """Stage-3 pixel losses and the external weights they need (local paths only; nothing is downloaded)."""
+    """Stage-3 pixel losses and the external weights they need (local paths only; nothing is downloaded).
+
+    A weight path may be ``"random"`` to use a randomly initialised network on purpose (tests, CPU smoke
+    runs; the losses are then meaningless). An empty path is an error when the stage runs (sftok.weights).
+    """
     reconstruction_weight: float = 1.0
     perceptual_weight: float = 1.0
     vgg16_weights: str = ""             # torchvision vgg16 IMAGENET1K_V1 state_dict (vgg16-397923af.pth)
@@ -101,6 +105,7 @@ class LossConfig:
     discriminator_lr: float = 1e-4
     lecam_weight: float = 0.001
     dino_weights: str = ""              # DINO ViT-S/16 (dino_deitsmall16_pretrain.pth)
+    dino_arch: str = "vit_s16"          # vit_s16 (official) | tiny (tests / CPU smoke runs, random weights)
     diffaug_cutout: float = 0.2
 
 
