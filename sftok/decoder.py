@@ -34,6 +34,8 @@ class MultiStepDecoder(nn.Module):
         self.condition_positional_embedding = nn.Parameter(scale * torch.randn(num_latent_tokens, width))
         self.class_embedding = nn.Parameter(scale * torch.randn(1, width))
         self.learnable_embedding = nn.Embedding(codebook_size + 1, width)   # row codebook_size = [MASK]
+        with torch.no_grad():   # official re-draw (then trunc-normal init); kept for identical RNG use
+            self.learnable_embedding.weight.copy_(scale * torch.randn(codebook_size + 1, width))
         self.learnable_embedding_positional_embedding = nn.Parameter(
             scale * torch.randn(num_proxy_codes + 1, width))
         self.ln_pre = nn.LayerNorm(width)

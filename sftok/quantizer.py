@@ -59,8 +59,9 @@ class OptVQ(nn.Module):
         self.commitment_cost = commitment_cost
         self.sinkhorn_iters, self.sinkhorn_epsilon = sinkhorn_iters, sinkhorn_epsilon
         self.assignment = assignment
+        # randn then uniform_: the official init, whose RNG consumption we keep so seeds reproduce its weights
         self.embedding = nn.Parameter(
-            torch.empty(1, codebook_size, token_size).uniform_(-1.0 / codebook_size, 1.0 / codebook_size))
+            torch.randn(1, codebook_size, token_size).uniform_(-1.0 / codebook_size, 1.0 / codebook_size))
         self.shared_linear = nn.Linear(token_size, token_size, bias=True)
         with torch.no_grad():
             self.shared_linear.weight.copy_(torch.eye(token_size))
