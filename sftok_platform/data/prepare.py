@@ -1,0 +1,427 @@
+"""Turn an image folder (or the built-in synthetic set) into Parquet shards, resumably, with Ray Data.
+
+How a prep runs
+---------------
+1. **Plan** (driver, cheap): list the source, give every file its split and label, and cut each split into
+   shards of ``shard_size`` files. Files are assigned to shards in the order of a hash of their path, so a
+   shard mixes classes (ImageNet sorted by class would otherwise make one class per shard, which hurts the
+   file-level shuffle of the reader) and the plan depends only on the listing. Shard names are
+   ``<split>/<split>-00012-of-00884.parquet``.
+2. **Guard**: the output's ``manifest.json`` (written before any other file) holds the source fingerprint
+   and the options. A different data set or different options in ``--out`` is an error before work starts;
+   a missing/empty source too.
+3. **Waves**: pending shards are processed a wave at a time (about one shard per CPU of the cluster). A
+   wave is one Ray Data pipeline: ``read_binary_files(include_paths=True)`` (original encoded bytes) ->
+   ``map_batches`` (full decode to validate; convert or skip, see ``validate.py``) ->
+   ``write_parquet(partition_cols=["shard"])`` into ``_staging/``. Skipped files travel as rows with a
+   reason, so every planned file comes out of the pipeline exactly once.
+4. **Commit** (one Ray task per shard): gather the shard's staging parts, check that they hold exactly the
+   planned files, sort rows by path, write ``<name>.parquet.tmp-*``, fsync, ``os.replace`` to the final
+   name, and record rows, size, sha256 and the skipped/converted files in the manifest (also replaced
+   atomically).
+
+Why this is crash-safe: a shard either has its final file *and* a manifest record, or it is redone from its
+source files. Final names are deterministic and written by rename, so a redo replaces rather than duplicates,
+and a crash mid-write leaves only temp files and staging parts, which the next run deletes before it starts.
+Rerunning after a crash therefore ends with every image exactly once; rerunning a finished prep finds every
+shard recorded and does nothing. (Ray Data's own checkpointing, ``CheckpointConfig(id_column=...)``, is
+beta, can leave partial files behind on a hard kill, and does not give deterministic file names.)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import synthetic
+from .manifest import (KIND, SCHEMA_VERSION, DataError, file_sha256, fingerprint, is_remote, read_manifest,
+                       write_manifest, load_manifest)
+from .sources import Entry, scan_source
+from .validate import CheckOptions, check_image
+
+STAGING = "_staging"
+ROW_GROUP_SIZE = 256        # ~30 MB of ImageNet JPEGs: bounded reader memory, far below Parquet's 2 GiB limit
+TARGET_SHARD_BYTES = 160e6  # aim: 100-250 MB per shard (PLATFORM P17)
+MIN_SHARD_IMAGES, MAX_SHARD_IMAGES = 1000, 2000
+
+SHARD_SCHEMA = pa.schema([("image_bytes", pa.binary()), ("label", pa.int64()), ("path", pa.string()),
+                          ("width", pa.int32()), ("height", pa.int32())])
+_STAGE_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [("shard", pa.string()), ("skip_reason", pa.string()),
+                                                 ("note", pa.string())])
+
+
+# ######################################################################################################
+# Plan
+# ######################################################################################################
+
+@dataclass
+class ShardPlan:
+    split: str
+    name: str
+    file: str                 # relative to the output dir
+    entries: list[Entry]
+
+
+def plan_shards(split: str, entries: list[Entry], shard_size: int) -> list[ShardPlan]:
+    """Cut ``entries`` into ~equal shards in path-hash order (deterministic, class-mixed)."""
+    if not entries:
+        return []
+    order = sorted(entries, key=lambda e: hashlib.sha1(e.relpath.encode()).digest())
+    n = math.ceil(len(order) / shard_size)
+    bounds = np.linspace(0, len(order), n + 1).round().astype(int)
+    shards = []
+    for i in range(n):
+        name = f"{split}-{i:05d}-of-{n:05d}"
+        shards.append(ShardPlan(split, name, f"{split}/{name}.parquet",
+                                sorted(order[bounds[i]:bounds[i + 1]], key=lambda e: e.relpath)))
+    return shards
+
+
+def auto_shard_size(avg_bytes: float) -> int:
+    """Images per shard for ~160 MB shards, clamped to 1000-2000 images."""
+    return int(np.clip(TARGET_SHARD_BYTES / max(avg_bytes, 1.0), MIN_SHARD_IMAGES, MAX_SHARD_IMAGES))
+
+
+@dataclass
+class PrepJob:
+    """What to prepare: the planned rows and how to turn a wave of shards into a Ray Dataset of rows."""
+    source: dict[str, Any]
+    options: dict[str, Any]
+    classes: list[dict]
+    splits: dict[str, list[Entry]]
+    scan_skipped: dict[str, list[dict]]
+    make_dataset: Callable[[list[ShardPlan]], Any]
+
+
+# ######################################################################################################
+# Row producers (run inside Ray Data tasks)
+# ######################################################################################################
+
+def _norm(path: str) -> str:
+    return os.path.normpath(path.split("://", 1)[-1])
+
+
+class _ValidateBatch:
+    """map_batches fn: (bytes, path) rows -> shard rows (+ shard, skip_reason, note)."""
+
+    def __init__(self, info: dict[str, tuple[str, int, str]], opts: CheckOptions):
+        self.info, self.opts = info, opts
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {k: [] for k in _STAGE_SCHEMA.names}
+        for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
+            relpath, label, shard = self.info[_norm(path)]
+            checked = check_image(data, self.opts)
+            for k, v in (("image_bytes", checked.data), ("label", label), ("path", relpath),
+                         ("width", checked.width), ("height", checked.height), ("shard", shard),
+                         ("skip_reason", checked.skip_reason), ("note", checked.note)):
+                cols[k].append(v)
+        return pa.table(cols, schema=_STAGE_SCHEMA)
+
+
+class _RenderBatch:
+    """map_batches fn: (index, split, relpath, shard) items -> synthetic shard rows."""
+
+    def __init__(self, seed: int, size: int):
+        self.seed, self.size = seed, size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        cols = {k: [] for k in _STAGE_SCHEMA.names}
+        for index, split, relpath, shard in zip(*(batch.column(c).to_pylist()
+                                                  for c in ("index", "split", "relpath", "shard"))):
+            data, label = synthetic.render_jpeg(index, seed=self.seed, split=split, size=self.size)
+            for k, v in (("image_bytes", data), ("label", label), ("path", relpath), ("width", self.size),
+                         ("height", self.size), ("shard", shard), ("skip_reason", ""), ("note", "")):
+                cols[k].append(v)
+        return pa.table(cols, schema=_STAGE_SCHEMA)
+
+
+def _num_blocks(n: int, per_block: int = 32) -> int:
+    return max(1, min(math.ceil(n / per_block), 4096))
+
+
+def _files_dataset(root: str, opts: CheckOptions) -> Callable[[list[ShardPlan]], Any]:
+    def make(wave: list[ShardPlan]):
+        import ray
+        info, paths = {}, []
+        for shard in wave:
+            for e in shard.entries:
+                p = os.path.join(root, e.relpath)
+                info[_norm(p)] = (e.relpath, e.label, shard.name)
+                paths.append(p)
+        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=_num_blocks(len(paths)))
+        return ds.map_batches(_ValidateBatch(info, opts), batch_size=16, batch_format="pyarrow")
+    return make
+
+
+def _synthetic_dataset(seed: int, size: int) -> Callable[[list[ShardPlan]], Any]:
+    def make(wave: list[ShardPlan]):
+        import ray
+        items = [{"index": int(e.relpath.rsplit("/", 1)[1].split(".")[0]), "split": s.split,
+                  "relpath": e.relpath, "shard": s.name} for s in wave for e in s.entries]
+        ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
+        return ds.map_batches(_RenderBatch(seed, size), batch_size=16, batch_format="pyarrow")
+    return make
+
+
+# ######################################################################################################
+# Commit (a Ray task per shard)
+# ######################################################################################################
+
+def commit_shard(staging: str, out: str, shard: ShardPlan) -> dict[str, Any]:
+    """Staging parts of one shard -> its final Parquet file, atomically. Returns the manifest record."""
+    part_dir = Path(staging) / f"shard={shard.name}"
+    parts = sorted(part_dir.glob("*.parquet")) if part_dir.is_dir() else []
+    tables = [pq.ParquetFile(p).read() for p in parts]
+    table = pa.concat_tables(tables, promote_options="default") if tables else _STAGE_SCHEMA.empty_table()
+    paths = table.column("path").to_pylist()
+    expected = {e.relpath for e in shard.entries}
+    if len(paths) != len(expected) or set(paths) != expected:
+        missing, extra = sorted(expected - set(paths)), sorted(set(paths) - expected)
+        raise DataError(f"shard {shard.name}: staging holds {len(paths)} rows for {len(expected)} planned files "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]}); rerun the prep to redo it.")
+    reasons, notes = table.column("skip_reason").to_pylist(), table.column("note").to_pylist()
+    skipped = sorted(({"path": p, "reason": r} for p, r in zip(paths, reasons) if r), key=lambda x: x["path"])
+    converted = sorted(({"path": p, "reason": n} for p, n, r in zip(paths, notes, reasons) if n and not r),
+                       key=lambda x: x["path"])
+    keep = pa.array([not r for r in reasons])
+    rows = table.filter(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA).sort_by("path")
+
+    final = Path(out) / shard.file
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    compression = {"image_bytes": "none", "label": "zstd", "path": "zstd", "width": "zstd", "height": "zstd"}
+    pq.write_table(rows, tmp, row_group_size=ROW_GROUP_SIZE, compression=compression)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return {"name": shard.name, "file": shard.file, "rows": rows.num_rows, "bytes": final.stat().st_size,
+            "sha256": file_sha256(final), "skipped": skipped, "converted": converted}
+
+
+# Test hook: called in the driver after each shard is recorded (tests inject a crash here).
+def _on_shard_committed(record: dict[str, Any]) -> None:
+    pass
+
+
+# ######################################################################################################
+# Driver
+# ######################################################################################################
+
+def _ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    import ray
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+    if address == "local" and num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    ray.init(address=address, **kwargs)
+
+
+def _log(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"[prepare] {msg}", file=sys.stderr, flush=True)
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _same_dataset_or_raise(out: Path, existing: dict, job: PrepJob) -> None:
+    old_fp, new_fp = existing["source"]["fingerprint"], job.source["fingerprint"]
+    if old_fp != new_fp:
+        raise DataError(f"{out} already holds a different data set (source {existing['source'].get('path')} "
+                        f"fingerprint {old_fp[:12]}; this source {job.source.get('path')} has {new_fp[:12]}). "
+                        f"Use a new --out directory, or delete {out} to re-prepare.")
+    if existing["options"] != job.options:
+        diff = {k: (existing["options"].get(k), v) for k, v in job.options.items() if existing["options"].get(k) != v}
+        raise DataError(f"{out} was prepared with other options ({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in diff.items())}). "
+                        f"Rerun with the original options, use a new --out, or delete {out}.")
+
+
+def _new_manifest(job: PrepJob, plans: dict[str, list[ShardPlan]]) -> dict[str, Any]:
+    return {"kind": KIND, "schema_version": SCHEMA_VERSION, "complete": False, "source": job.source,
+            "options": job.options, "classes": job.classes,
+            "splits": {split: {"planned_images": len(job.splits[split]), "planned_shards": len(plans[split]),
+                               "scan_skipped": job.scan_skipped.get(split, []), "shards": []}
+                       for split in job.splits}}
+
+
+def _finalize(manifest: dict[str, Any]) -> None:
+    for split in manifest["splits"].values():
+        split["shards"].sort(key=lambda s: s["name"])
+        split["num_images"] = sum(s["rows"] for s in split["shards"])
+        split["skipped"] = sorted(split["scan_skipped"] + [x for s in split["shards"] for x in s["skipped"]],
+                                  key=lambda x: x["path"])
+        split["converted"] = sorted((x for s in split["shards"] for x in s["converted"]), key=lambda x: x["path"])
+    manifest["counts"] = {name: s["num_images"] for name, s in manifest["splits"].items()}
+    manifest["complete"] = True
+
+
+def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_images: int | None = None,
+            quiet: bool = False, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Prepare (or finish preparing) ``job`` into ``out``. Returns the complete manifest."""
+    if is_remote(str(out)):
+        raise DataError(f"--out {out}: prepare writes to a local or shared (NFS) path; copy the finished "
+                        f"directory to object storage afterwards (e.g. `aws s3 sync`). Readers take s3:// paths.")
+    out = Path(out).expanduser().resolve()
+    plans = {split: plan_shards(split, entries, shard_size) for split, entries in job.splits.items()}
+    manifest = read_manifest(str(out)) if out.is_dir() else None
+    if manifest is None and out.is_dir() and any(out.iterdir()):
+        raise DataError(f"--out {out} is not empty and has no manifest.json: it is not a shards directory "
+                        f"made by this tool. Pick an empty or new directory.")
+    if manifest is not None:
+        _same_dataset_or_raise(out, manifest, job)
+    else:
+        manifest = _new_manifest(job, plans)
+
+    # Keep only records whose file is still there; everything else is (re)done.
+    pending: dict[str, list[ShardPlan]] = {}
+    for split, shards in plans.items():
+        records = [r for r in manifest["splits"][split]["shards"]
+                   if (out / r["file"]).is_file() and (out / r["file"]).stat().st_size == r["bytes"]]
+        manifest["splits"][split]["shards"] = records
+        done = {r["name"] for r in records}
+        pending[split] = [s for s in shards if s.name not in done]
+    todo = [s for shards in pending.values() for s in shards]
+    if not todo and manifest.get("complete"):
+        _log(quiet, f"{out} is complete ({', '.join(f'{k}: {v}' for k, v in manifest['counts'].items())} images); "
+                    f"nothing to do")
+        return manifest
+
+    manifest["complete"] = False
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)                     # first file in --out: marks it as ours
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # leftovers of a crashed run
+    for split in plans:
+        for stale in (out / split).glob(".*.tmp-*") if (out / split).is_dir() else []:
+            stale.unlink()
+
+    if todo:
+        _ensure_ray(address, num_cpus)
+        import ray
+        from ray.data import DataContext
+        DataContext.get_current().enable_progress_bars = not quiet
+        commit = ray.remote(num_cpus=0.5, max_retries=2)(commit_shard)
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        wave_images = wave_images or max(4096, cpus * shard_size)
+        total = sum(len(s.entries) for s in todo)
+        _log(quiet, f"{len(todo)} shards ({total} files) to prepare into {out}; {cpus} CPUs, waves of "
+                    f"<= {wave_images} files")
+        t0, done_files, wave_id = time.time(), 0, 0
+        while todo:
+            wave, n = [], 0
+            while todo and (not wave or n + len(todo[0].entries) <= wave_images):
+                n += len(todo[0].entries)
+                wave.append(todo.pop(0))
+            staging = out / STAGING / f"wave-{wave_id:05d}"
+            job.make_dataset(wave).write_parquet(str(staging), partition_cols=["shard"])
+            refs = {commit.remote(str(staging), str(out), s): s for s in wave}
+            while refs:
+                ready, _ = ray.wait(list(refs), num_returns=1)
+                shard = refs.pop(ready[0])
+                record = ray.get(ready[0])
+                manifest["splits"][shard.split]["shards"].append(record)
+                write_manifest(out, manifest)
+                done_files += len(shard.entries)
+                _on_shard_committed(record)
+                rate = done_files / max(time.time() - t0, 1e-9)
+                _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
+                            f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
+            shutil.rmtree(staging, ignore_errors=True)
+            wave_id += 1
+
+    _finalize(manifest)
+    write_manifest(out, manifest)
+    shutil.rmtree(out / STAGING, ignore_errors=True)
+    _log(quiet, f"done: {', '.join(f'{k}: {v}' for k, v in manifest['counts'].items())} images in {out}")
+    return manifest
+
+
+# ######################################################################################################
+# Public entry points
+# ######################################################################################################
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, *, resize: int | None = None,
+            shard_size: int | None = None, min_size: int = 16, max_pixels: int = 100_000_000,
+            val_labels: str | None = None, class_names: str | None = None, unlabeled: bool = False,
+            val_fraction: float = 0.0, wave_images: int | None = None, quiet: bool = False,
+            address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """Prepare an image folder (ImageNet layout, class folders or unlabeled) into Parquet shards."""
+    plan = scan_source(source, val_labels=val_labels, class_names=class_names, unlabeled=unlabeled,
+                       val_fraction=val_fraction)
+    for note in plan.notes:
+        _log(quiet, note)
+    if shard_size is None:
+        all_entries = [e for entries in plan.splits.values() for e in entries]
+        sample = [all_entries[i] for i in np.linspace(0, len(all_entries) - 1, min(256, len(all_entries))).astype(int)]
+        avg = float(np.mean([os.path.getsize(os.path.join(plan.root, e.relpath)) for e in sample]))
+        if resize:
+            avg = min(avg, 0.35 * resize * resize)     # q95 JPEG at ~resize^2 pixels: ~0.3 bytes/pixel
+        shard_size = auto_shard_size(avg)
+    if shard_size < 1:
+        raise DataError(f"--shard-size {shard_size} must be >= 1.")
+    opts = CheckOptions(resize=resize, min_size=min_size, max_pixels=max_pixels)
+    rows = ([split, e.relpath, e.label] for split, entries in plan.splits.items() for e in entries)
+    job = PrepJob(
+        source={"type": plan.layout, "path": plan.root, "fingerprint": fingerprint(rows),
+                "num_files": {k: len(v) for k, v in plan.splits.items()}},
+        options={"resize": resize, "min_size": min_size, "max_pixels": max_pixels, "shard_size": shard_size},
+        classes=plan.classes, splits=plan.splits, scan_skipped=plan.scan_skipped,
+        make_dataset=_files_dataset(plan.root, opts))
+    return run_job(job, out, shard_size=shard_size, wave_images=wave_images, quiet=quiet, address=address,
+                   num_cpus=num_cpus)
+
+
+def prepare_synthetic(out: str | os.PathLike, num_images: int, *, num_val: int | None = None, seed: int = 0,
+                      image_size: int = 256, shard_size: int = 2000, wave_images: int | None = None,
+                      quiet: bool = False, address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
+    """The built-in data set: ``num_images`` train + ``num_val`` (default 10%) val images, seeded."""
+    if num_images < 1:
+        raise DataError(f"--synthetic {num_images}: ask for at least 1 image (e.g. --synthetic 2000).")
+    num_val = max(1, num_images // 10) if num_val is None else num_val
+    splits = {"train": [Entry(synthetic.relpath("train", i), i % len(synthetic.CLASSES)) for i in range(num_images)]}
+    if num_val > 0:
+        splits["val"] = [Entry(synthetic.relpath("val", i), i % len(synthetic.CLASSES)) for i in range(num_val)]
+    rows = ([split, e.relpath, e.label] for split, entries in splits.items() for e in entries)
+    job = PrepJob(
+        source={"type": "synthetic", "path": "", "fingerprint": fingerprint(rows),
+                "num_files": {k: len(v) for k, v in splits.items()}},
+        options={"seed": seed, "image_size": image_size, "shard_size": shard_size,
+                 "generator": f"synthetic-v1/{len(synthetic.CLASSES)}-classes"},
+        classes=synthetic.classes(), splits=splits, scan_skipped={},
+        make_dataset=_synthetic_dataset(seed, image_size))
+    return run_job(job, out, shard_size=shard_size, wave_images=wave_images, quiet=quiet, address=address,
+                   num_cpus=num_cpus)
+
+
+def ensure_dataset(cfg) -> str:
+    """The shards dir for a pipeline run (``cfg``: ``sftok.config.Config``).
+
+    ``cfg.data.path`` set: it must hold a complete manifest (else a ``DataError`` saying which command makes
+    it). Empty: the synthetic set under ``<cfg.run.root>/data/synthetic`` is made, or reused when complete.
+    """
+    if cfg.data.path:
+        path = cfg.data.path if is_remote(cfg.data.path) else str(Path(cfg.data.path).expanduser().resolve())
+        load_manifest(path)
+        return path
+    if is_remote(cfg.run.root):
+        raise DataError(f"run.root={cfg.run.root} is object storage; the built-in synthetic set needs a local or "
+                        f"NFS path: prepare it (`python -m sftok_platform.data prepare --synthetic "
+                        f"{cfg.data.synthetic_images} --out DIR`) and set data.path=DIR.")
+    out = Path(cfg.run.root).expanduser().resolve() / "data" / "synthetic"
+    prepare_synthetic(out, cfg.data.synthetic_images, num_val=cfg.data.synthetic_val_images,
+                      seed=cfg.data.seed, image_size=cfg.model.image_size, quiet=True)
+    return str(out)

@@ -1,0 +1,117 @@
+"""Read prepared shards into Ray Data for Ray Train: decode + augment on the fly, labels as ints.
+
+Usage (driver)::
+
+    ds_train = read_split(shards, "train", train=True, seed=cfg.data.shuffle_seed)
+    ds_val = read_split(shards, "val", train=False)
+    TorchTrainer(loop, datasets={"train": ds_train, "val": ds_val},
+                 dataset_config=ray.train.DataConfig(datasets_to_split=["train"]), ...)
+
+and in each worker, once per epoch (the iterator is one-shot, so call it again every epoch)::
+
+    shard = ray.train.get_dataset_shard("train")
+    for batch in iter_train_batches(shard, batch_size, epoch=epoch, seed=seed):   # drop_last=True
+        images, labels = batch["image"], batch["label"]       # float32 [B,3,S,S] in [0,1], int64 [B]
+
+Per-epoch reshuffle with a seed, without rebuilding the dataset: the Parquet file order is drawn by
+``FileShuffleConfig(seed=seed)``, which Ray 2.60 reseeds from ``(seed, execution index)`` every time the
+dataset is executed, i.e. every epoch (``reseed_after_execution=True``). The augmentation RNG of every row is
+seeded from ``(seed, execution index, crc32(path))``: crops and flips change every epoch, yet a run with the
+same seed sees the same images. Rows are mixed further by the local shuffle buffer in
+``iter_train_batches`` (seeded from ``(seed, epoch)``). A restarted trainer starts again at execution 0 (Ray
+2.60 has no mid-epoch data resume, PLATFORM 1.1); ``epoch_dataset`` gives an explicitly epoch-seeded dataset
+for loops that rebuild their data per epoch.
+
+Strings never reach ``iter_torch_batches`` (PLATFORM P15): the ``path`` column is used for seeding and dropped.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Iterator
+
+import numpy as np
+
+from .manifest import PROXY_CODES_COLUMN, DataError, load_manifest, shard_paths
+from .transforms import eval_transform, to_chw_float, train_transform
+
+DEFAULT_BATCH = 16
+
+
+class DecodeAugment:
+    """map_batches fn: (image_bytes, label, path[, proxy_codes]) -> (image float32 [B,3,S,S], label int64)."""
+
+    def __init__(self, *, train: bool, image_size: int = 256, seed: int | None = 0, proxy_codes: bool = False):
+        self.train, self.size, self.seed, self.proxy_codes = train, image_size, seed, proxy_codes
+
+    def _rng(self, execution: int, path: str) -> np.random.Generator:
+        if self.seed is None:
+            return np.random.default_rng()
+        return np.random.default_rng([self.seed, execution, zlib.crc32(path.encode())])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from ray.data import DataContext
+        execution = DataContext.get_current()._execution_idx   # same source Ray's own reseeding uses
+        images = []
+        for data, path in zip(batch["image_bytes"], batch["path"]):
+            if self.train:
+                images.append(train_transform(data, self.size, self._rng(execution, str(path))))
+            else:
+                images.append(eval_transform(data, self.size))
+        out = {"image": to_chw_float(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+        if self.proxy_codes:
+            out[PROXY_CODES_COLUMN] = np.stack([np.asarray(c, dtype=np.int64) for c in batch[PROXY_CODES_COLUMN]])
+        return out
+
+
+def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 256, seed: int | None = 0,
+               proxy_codes: bool = False, batch_size: int = DEFAULT_BATCH, limit: int | None = None):
+    """A ``ray.data.Dataset`` of ``image`` float32 [3,S,S] in [0,1] and ``label`` int64 for one split.
+
+    train=True: SPEC C.3 augmentation (shorter side to ``image_size`` bicubic antialias, random crop, h-flip)
+    and files reshuffled every epoch from ``seed``. train=False: resize + center crop, file order fixed.
+    ``proxy_codes=True`` adds the precomputed teacher codes (int64 [256]); they belong to the center crop,
+    so the images are then center-cropped and unflipped even when ``train`` (no augmentation: see
+    ``proxy_codes.py``). ``limit`` keeps the first N rows (quick evals).
+    """
+    import ray
+    from ray.data import FileShuffleConfig
+
+    manifest = load_manifest(shards_dir)
+    files = [p for p, s in zip(shard_paths(shards_dir, split, manifest), manifest["splits"][split]["shards"])
+             if s["rows"] > 0]
+    if not files:
+        raise DataError(f"{shards_dir}: split {split!r} has no images; prepare a source with images in it.")
+    columns = ["image_bytes", "label", "path"]
+    if proxy_codes:
+        if not manifest.get("proxy_codes"):
+            raise DataError(f"{shards_dir} has no proxy codes: run `python -m sftok_platform.data proxy-codes "
+                            f"{shards_dir} --teacher <maskgit-vqgan .bin>` or set data.use_proxy_codes=false.")
+        columns.append(PROXY_CODES_COLUMN)
+    ds = ray.data.read_parquet(files, columns=columns,
+                               shuffle=FileShuffleConfig(seed=seed) if train else None)
+    if limit is not None:
+        ds = ds.limit(limit)
+    augment = train and not proxy_codes
+    return ds.map_batches(DecodeAugment(train=augment, image_size=image_size, seed=seed, proxy_codes=proxy_codes),
+                          batch_size=batch_size, batch_format="numpy")
+
+
+def epoch_dataset(shards_dir: str, split: str, epoch: int, *, seed: int = 0, **kwargs):
+    """``read_split(train=True)`` with a seed derived from ``(seed, epoch)``: the same epoch always gives the
+    same file order and augmentations, also after a restart. For loops that rebuild their data each epoch."""
+    return read_split(shards_dir, split, train=True, seed=int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]),
+                      **kwargs)
+
+
+def iter_train_batches(shard, batch_size: int, *, epoch: int, seed: int = 0, shuffle_buffer: int = 0,
+                       device: Any = "auto", drop_last: bool = True, prefetch_batches: int = 2) -> Iterator[dict]:
+    """One epoch of torch batches from a Ray Train dataset shard (``ray.train.get_dataset_shard``).
+
+    ``drop_last=True`` keeps every worker at the same number of steps (uneven batches deadlock the
+    all-reduce, PLATFORM P9). ``shuffle_buffer`` > 0 adds a local shuffle seeded from ``(seed, epoch)``.
+    """
+    import torch
+    local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) if shuffle_buffer else None
+    return shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64},
+                                    device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
+                                    local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=local_seed)
