@@ -9,6 +9,15 @@ import torch
 from sftok.config import GeneratorConfig
 from sftok.generator import MaskGITGenerator, cfg_logits, count_parameters, mask_tokens, mlm_loss, training_loss
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded, especially on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY = dict(width=64, layers=2, heads=4, mlp_dim=128, num_classes=4, dropout=0.0)
 
 
@@ -136,3 +145,14 @@ def test_overfits_four_fixed_sequences_and_samples_them_back():
     g.eval()
     out = g.generate(labels, num_steps=8, guidance_scale=0.0, temperature=0.0)
     assert (out == tokens).float().mean() > 0.9
+
+
+def test_sampled_tokens_decode_to_images_with_the_tiny_tokenizer():
+    from sftok import create_model
+    tok = create_model("sftok_tiny").eval()
+    g = tiny_generator(codebook_size=tok.cfg.codebook_size).eval()
+    tokens = g.generate(torch.tensor([1, 2]), num_steps=4, guidance_scale=4.5,
+                        generator=torch.Generator().manual_seed(0))
+    assert tokens.max() < tok.cfg.codebook_size
+    images = tok.decode_tokens(tokens, num_steps=2, generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
