@@ -1,0 +1,92 @@
+"""sftok.config: presets, dotted overrides, type checks and validate() messages."""
+import pytest
+
+from sftok.config import Config, ConfigError, apply_override, list_presets, load_config
+from sftok.registry import model_config
+
+
+@pytest.mark.parametrize("preset,model_name", [("tiny", "sftok_tiny"), ("b64", "sftok_b64"), ("l64", "sftok_l64")])
+def test_presets_load_and_match_registry(preset, model_name):
+    cfg = load_config(preset)
+    assert cfg.preset == preset
+    assert cfg.model == model_config(model_name)
+
+
+def test_preset_list_and_unknown_preset():
+    assert {"tiny", "b64", "l64"} <= set(list_presets())
+    with pytest.raises(ConfigError, match="unknown preset 'b128'.*tiny"):
+        load_config("b128")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("/nonexistent/config.yaml")
+
+
+def test_dotted_overrides_are_typed():
+    cfg = load_config("tiny", ["stage2.replace_prob=0.5", "train.workers=2", "stage1.global_batch_size=32",
+                               "eval.steps=[1,8]", "model.pixel_head=false", "model.assignment=per_image",
+                               "stage1.lr=1e-3"])
+    assert cfg.stage2.replace_prob == 0.5 and isinstance(cfg.stage2.replace_prob, float)
+    assert cfg.train.workers == 2 and cfg.stage1.global_batch_size == 32
+    assert cfg.eval.steps == [1, 8] and cfg.model.pixel_head is False
+    assert cfg.model.assignment == "per_image" and cfg.stage1.lr == pytest.approx(1e-3)
+    # ints are accepted for floats, comma lists for lists, nested dicts for sections
+    cfg = load_config("tiny", {"stage2.replace_prob": 1, "eval": {"steps": "1,2"}})
+    assert cfg.stage2.replace_prob == 1.0 and cfg.eval.steps == [1, 2]
+
+
+def test_unknown_key_refused_with_suggestion():
+    with pytest.raises(ConfigError, match=r"unknown config key 'stage2.replace_prb'.*Did you mean 'stage2.replace_prob'"):
+        load_config("tiny", ["stage2.replace_prb=0.5"])
+    with pytest.raises(ConfigError, match="Did you mean 'model'"):
+        load_config("tiny", ["modle.codebook_size=8"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config("tiny", ["stage2.replace_prob"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        load_config("tiny", ["train.workers.x=1"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.workers=two", "expects an integer"),
+    ("train.workers=1.5", "expects an integer"),
+    ("model.pixel_head=maybe", "expects true/false"),
+    ("stage1.lr=fast", "expects a number"),
+    ("model.encoder_size=[1,2]", "expects a string"),
+    ("model=3", "is a section"),
+])
+def test_type_errors(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("model.encoder_size=huge", "not a known size; use one of"),
+    ("model.image_size=250", "not a multiple of model.patch_size"),
+    ("model.num_proxy_codes=100", "set model.num_proxy_codes=256"),
+    ("model.assignment=nearest", "use 'batch'"),
+    ("model.teacher_codebook_size=512", "set both to the same value"),
+    ("train.precision=fp8", "use auto, fp32, bf16 or fp16"),
+    ("train.workers=0", "at least 1 worker"),
+    ("stage1.grad_accum=3", "multiple of 3"),
+    ("stage2.replace_prob=1.5", r"must lie in \[0, 1\]"),
+    ("stage1.steps=-1", ">= 0"),
+    ("run.stages=[stage1,stage9]", "unknown entries"),
+])
+def test_validate_messages(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", [override])
+    load_config("tiny", [override], validate=False)      # refused only by validate()
+
+
+def test_resolved_config_round_trip(tmp_path):
+    cfg = load_config("tiny", ["stage2.replace_prob=0.25", "run.name=abc"])
+    path = cfg.save(tmp_path / "resolved.yaml")
+    back = load_config(path)
+    assert back.to_dict() == cfg.to_dict()
+    assert back.flat()["stage2.replace_prob"] == 0.25
+
+
+def test_apply_override_on_section_object():
+    cfg = Config()
+    apply_override(cfg, "model", {"codebook_size": 4096})
+    assert cfg.model.codebook_size == 4096
+    with pytest.raises(ConfigError, match="Valid keys here"):
+        apply_override(cfg, "model.codebok_size", 1)
