@@ -39,7 +39,12 @@ from sftok.config import GeneratorConfig
 
 __all__ = [
     "MaskGITGenerator", "mask_tokens", "mlm_loss", "training_loss", "cfg_logits", "count_parameters",
+    "save_generator", "load_generator", "normalize_official_keys",
 ]
+
+WEIGHTS_FILE = "generator.safetensors"
+CONFIG_FILE = "generator.json"
+FORMAT_NAME = "sftok-maskgit-generator"
 
 
 # ######################################################################################################
@@ -334,3 +339,51 @@ def cfg_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# ######################################################################################################
+# Files
+# ######################################################################################################
+
+def save_generator(model: MaskGITGenerator, directory) -> "Path":
+    """Write ``generator.safetensors`` + ``generator.json`` (GeneratorConfig, codebook size, length)."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT_NAME})
+    meta = {"format": FORMAT_NAME, "codebook_size": model.codebook_size, "seq_len": model.seq_len,
+            "generator": dataclasses.asdict(model.cfg)}
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    return directory
+
+
+def load_generator(directory, map_location="cpu") -> MaskGITGenerator:
+    """Rebuild a generator saved by :func:`save_generator` (safetensors; nothing is unpickled)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    directory = Path(directory)
+    cfg_file, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not cfg_file.is_file() or not weights.is_file():
+        raise FileNotFoundError(f"{directory} is not a generator export: it needs {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE} (written by sftok.generator.save_generator / stage 4).")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{cfg_file} is not a generator config (format={meta.get('format')!r}).")
+    model = MaskGITGenerator(GeneratorConfig(**meta["generator"]), codebook_size=int(meta["codebook_size"]),
+                             seq_len=int(meta["seq_len"]))
+    model.load_state_dict(normalize_official_keys(load_file(str(weights))))
+    return model.to(map_location).eval()
+
+
+def normalize_official_keys(state: dict) -> dict:
+    """Drop the non-parameter buffers that some ``transformers`` versions store in ``BertModel`` state
+    dicts (``embeddings.position_ids`` / ``token_type_ids``), so official ImageBert weights load strictly."""
+    return {k: v for k, v in state.items()
+            if not k.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}

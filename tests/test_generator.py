@@ -156,3 +156,16 @@ def test_sampled_tokens_decode_to_images_with_the_tiny_tokenizer():
     assert tokens.max() < tok.cfg.codebook_size
     images = tok.decode_tokens(tokens, num_steps=2, generator=torch.Generator().manual_seed(0))
     assert images.shape == (2, 3, 256, 256) and torch.isfinite(images).all()
+
+
+def test_save_and_load_round_trip(tmp_path):
+    from sftok.generator import load_generator, save_generator
+    g = tiny_generator(codebook_size=512).eval()
+    save_generator(g, tmp_path / "gen")
+    back = load_generator(tmp_path / "gen")
+    assert back.codebook_size == 512 and back.cfg == g.cfg
+    tokens, labels = torch.randint(0, 512, (2, 64)), torch.tensor([0, 3])
+    with torch.no_grad():
+        assert torch.equal(back(tokens, labels), g(tokens, labels))
+    with pytest.raises(FileNotFoundError, match="generator export"):
+        load_generator(tmp_path)
