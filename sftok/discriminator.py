@@ -109,7 +109,9 @@ def build_dino_backbone(arch: str = "vit_s16") -> nn.Module:
 
 def load_dino_backbone(backbone: nn.Module, path, key: str = "losses.dino_weights") -> None:
     """Strict load of a DINO/DeiT-layout state_dict (``module.``/``backbone.`` prefixes and heads dropped)."""
-    sd = strip_prefixes(load_state_dict_file(path, key))
+    sd = strip_prefixes(load_state_dict_file(path, key), ("module.",))
+    if any(k.startswith("backbone.") for k in sd):       # DINO training checkpoint: backbone.* + head.*
+        sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}     # DINO projection / DeiT classifier
     own = backbone.state_dict()
     missing, unexpected = sorted(own.keys() - sd.keys()), sorted(sd.keys() - own.keys())

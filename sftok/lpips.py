@@ -27,8 +27,14 @@ _CHANNELS = (64, 128, 256, 512, 512)
 
 
 def _vgg16_features() -> nn.Sequential:
-    from torchvision.models import vgg16
-    return vgg16(weights=None).features[:30]
+    """torchvision's VGG16 ``features[:30]`` (its init), without building the 100M-parameter classifier."""
+    from torchvision.models.vgg import cfgs, make_layers
+    features = make_layers(cfgs["D"], batch_norm=False)[:30]
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return features
 
 
 class LPIPS(nn.Module):
