@@ -94,8 +94,14 @@ def _quantizer_stats(qinfo: dict, codebook_size: int) -> dict[str, torch.Tensor]
         "commitment_loss": qinfo["commitment_loss"].detach(),
         "codebook_loss": qinfo["codebook_loss"].detach(),
         # share of the OptVQ codebook used by this batch's tokens (collapse detector)
-        "token_usage": torch.unique(idx).numel() / float(codebook_size),
+        "token_usage": _usage(idx, codebook_size),
     }
+
+
+def _usage(ids: torch.Tensor, size: int) -> torch.Tensor:
+    """Share of a codebook's entries that occur in ``ids`` (no host sync, unlike torch.unique)."""
+    hit = torch.zeros(size, device=ids.device).index_fill_(0, ids.flatten().long(), 1.0)
+    return hit.mean()
 
 
 @torch.no_grad()
@@ -134,9 +140,22 @@ def stage0_loss(teacher: nn.Module, images: torch.Tensor, *, lpips: Optional[nn.
         metrics["lpips"] = lp.detach()
     base = unwrap_model(teacher)
     size = base.quantize.num_embeddings if hasattr(base, "quantize") else 1024
-    metrics["code_usage"] = torch.unique(info["codes"]).numel() / float(size)
+    metrics["code_usage"] = _usage(info["codes"], size)
     metrics["loss"] = loss.detach()
     return loss, _floats(metrics)
+
+
+def stage0_lpips(loss_cfg) -> Optional[LPIPS]:
+    """LPIPS for stage 0 when real VGG16 + LPIPS-head files are configured, else None (MSE + VQ only).
+
+    Stage 0 is this project's addition, so missing files are not an error here, and random backbones
+    (``"random"``) are not used either: a random perceptual term would only add noise to the teacher.
+    """
+    from sftok.weights import is_random
+    paths = (loss_cfg.vgg16_weights, loss_cfg.lpips_heads)
+    if loss_cfg.perceptual_weight <= 0 or any(not p or is_random(p) for p in paths):
+        return None
+    return LPIPS(*paths)
 
 
 # ######################################################################################################
@@ -179,8 +198,8 @@ def stage2_loss(model: nn.Module, images: torch.Tensor, teacher_codes: torch.Ten
     mask = arccos_mask(B, N, generator) if mask is None else check_mask(mask, B, N, "mask")
     replace = (replacement_draw(B, N, replace_prob, generator) if replace is None
                else check_mask(replace, B, N, "replace"))
+    use_guide = bool((replace & ~mask.to(replace.device)).any())   # vanilla (nothing replaced): no guide pass
     mask, replace = mask.to(images.device), replace.to(images.device)
-    use_guide = bool((replace & ~mask).any())          # vanilla (nothing replaced): skip the guide pass
     metrics: dict = {}
     guide_ids = None
     if use_guide:
@@ -387,5 +406,5 @@ class Stage3Loss(nn.Module):
         return loss, _floats(metrics)
 
 
-__all__ = ["stage0_loss", "stage1_loss", "stage2_loss", "stage_loss", "Stage3Loss", "guide_logits",
+__all__ = ["stage0_loss", "stage0_lpips", "stage1_loss", "stage2_loss", "stage_loss", "Stage3Loss", "guide_logits",
            "weighted_ce", "hinge_d_loss", "lecam_loss", "frozen_parameters"]

@@ -280,6 +280,9 @@ def test_lpips_loads_local_files_and_matches_the_formula(tmp_path):
     assert lp(x, x).abs().max() < 1e-6
     lp.train()
     assert not lp.training                                     # frozen network stays in eval mode
+    cfg = LossConfig(vgg16_weights=str(tmp_path / "vgg16.pth"), lpips_heads=str(tmp_path / "vgg.pth"))
+    assert isinstance(objectives.stage0_lpips(cfg), LPIPS)
+    assert objectives.stage0_lpips(LossConfig()) is None and objectives.stage0_lpips(tiny_loss_cfg()) is None
     torch.save({"lin0.model.1.weight": torch.ones(1, 3, 1, 1)}, tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="lin0.model.1.weight"):
         LPIPS(str(tmp_path / "vgg16.pth"), str(tmp_path / "bad.pth"))
@@ -432,6 +435,11 @@ def test_stage3_gan_term_and_discriminator_step(model3, images):
     assert dm["lecam_ema_real"] == pytest.approx(0.001 * dm["d_real"], rel=1e-5)
     assert dm["lecam_ema_fake"] == pytest.approx(0.001 * dm["d_fake"], rel=1e-5)
     assert hinge_d_loss(torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.5])).item() == pytest.approx(0.5 * (0.5 + 0.75))
+    d_loss.backward()                    # train mode: spectral-norm power iterations between the two D calls
+    assert all(p.grad is not None for p in s3.discriminator.heads.parameters())
+    assert all(p.grad is None for p in s3.discriminator.backbone.parameters())
+    opt = s3.discriminator_optimizer(StageConfig())
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(s3.discriminator.heads.parameters()))
     model3.zero_grad(set_to_none=True)
 
 
