@@ -1,0 +1,114 @@
+"""Readers for Ray Train: SPEC C.3/E transforms, shapes/dtypes/ranges, per-epoch reshuffle, ensure_dataset."""
+from __future__ import annotations
+
+import hashlib
+import io
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sftok_platform.data import DataError, ensure_dataset, iter_train_batches, load_manifest, read_split
+from sftok_platform.data.prepare import prepare_synthetic
+from sftok_platform.data.transforms import center_crop, eval_transform, random_crop_flip, resize_shorter_side
+
+SIZE = 64   # read at 64x64: the same code path as 256, a 16th of the pixels
+
+
+def test_transforms_match_torchvision():
+    from torchvision import transforms as T
+    rng = np.random.default_rng(0)
+    for w, h in [(500, 375), (300, 400), (256, 256), (100, 60)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ref = T.Resize(256, interpolation=T.InterpolationMode.BICUBIC, antialias=True)(img)
+        ours = resize_shorter_side(img, 256)
+        assert ours.size == ref.size and np.array_equal(np.asarray(ours), np.asarray(ref))
+        assert np.array_equal(np.asarray(center_crop(ours, 256)), np.asarray(T.CenterCrop(256)(ref)))
+        # RandomCrop + RandomHorizontalFlip semantics: offsets in [0, H-256] x [0, W-256], flip p=0.5
+        big, seen_flip = np.asarray(ours), set()
+        for seed in range(8):
+            crop = np.asarray(random_crop_flip(ours, 256, np.random.default_rng(seed)))
+            r = np.random.default_rng(seed)
+            top, left = int(r.integers(0, big.shape[0] - 255)), int(r.integers(0, big.shape[1] - 255))
+            flip = bool(r.random() < 0.5)
+            window = big[top:top + 256, left:left + 256]
+            assert np.array_equal(crop, window[:, ::-1] if flip else window)
+            seen_flip.add(flip)
+        assert seen_flip == {True, False}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    import ray
+    from ray.data import DataContext
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.execution_options.preserve_order = True    # lets the test see the file order of each epoch
+    out = tmp_path_factory.mktemp("reader") / "shards"
+    prepare_synthetic(out, 24, num_val=8, shard_size=6, quiet=True)
+    yield str(out)
+    ray.shutdown()
+
+
+def _digest(arr) -> str:
+    return hashlib.sha1(np.ascontiguousarray(np.asarray(arr)).tobytes()).hexdigest()
+
+
+def test_eval_reader_is_resize_center_crop(shards):
+    rows = read_split(shards, "val", train=False, image_size=SIZE).take_all()
+    assert len(rows) == 8
+    stored = []
+    for s in load_manifest(shards)["splits"]["val"]["shards"]:
+        stored += pq.read_table(f"{shards}/{s['file']}").to_pylist()
+    expect = sorted(_digest(eval_transform(r["image_bytes"], SIZE).transpose(2, 0, 1).astype(np.float32) / 255)
+                    for r in stored)
+    for r in rows:
+        assert set(r) == {"image", "label"}
+        assert r["image"].shape == (3, SIZE, SIZE) and r["image"].dtype == np.float32
+        assert 0.0 <= r["image"].min() and r["image"].max() <= 1.0
+    assert sorted(_digest(r["image"]) for r in rows) == expect
+    assert sorted(int(r["label"]) for r in rows) == sorted(r["label"] for r in stored)
+
+
+def test_train_batches_shapes_and_per_epoch_reshuffle(shards):
+    import torch
+    ds = read_split(shards, "train", train=True, image_size=SIZE, seed=7)
+    it = ds.streaming_split(1)[0]          # what ray.train.get_dataset_shard returns (a DataIterator)
+    epochs = []
+    for epoch in range(2):
+        batches = list(iter_train_batches(it, 5, epoch=epoch, seed=7, device="cpu"))
+        assert len(batches) == 24 // 5      # drop_last, and epoch 2 is not empty
+        for b in batches:
+            assert b["image"].shape == (5, 3, SIZE, SIZE) and b["image"].dtype == torch.float32
+            assert b["label"].dtype == torch.int64
+            assert 0.0 <= b["image"].min().item() and b["image"].max().item() <= 1.0
+        epochs.append(([_digest(x) for b in batches for x in b["image"].numpy()],
+                       [int(x) for b in batches for x in b["label"]]))
+    (imgs0, labels0), (imgs1, labels1) = epochs
+    assert labels0 != labels1                             # another file order
+    # square 256 sources leave no room to crop at 64, so flips are what differ here (crops: transforms test)
+    assert set(imgs0) != set(imgs1)
+    # same seed, fresh dataset: epoch 0 again, image for image
+    again = read_split(shards, "train", train=True, image_size=SIZE, seed=7)
+    first = list(iter_train_batches(again, 5, epoch=0, seed=7, device="cpu"))
+    assert [_digest(x) for b in first for x in b["image"].numpy()] == imgs0
+
+
+def test_ensure_dataset(shards, tmp_path, monkeypatch):
+    from sftok.config import load_config
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["data.synthetic_images=20", "data.synthetic_val_images=10", "run.root=runs"])
+    path = ensure_dataset(cfg)
+    assert path == str(tmp_path / "runs" / "data" / "synthetic")       # relative run root made absolute
+    assert load_manifest(path)["counts"] == {"train": 20, "val": 10}
+    mtime = (tmp_path / "runs/data/synthetic/manifest.json").stat().st_mtime_ns
+    assert ensure_dataset(cfg) == path                                  # complete: reused as is
+    assert (tmp_path / "runs/data/synthetic/manifest.json").stat().st_mtime_ns == mtime
+
+    cfg.data.path = shards
+    assert ensure_dataset(cfg) == shards
+    cfg.data.path = str(tmp_path / "missing")
+    with pytest.raises(DataError, match=r"no manifest.json in .*missing: run python -m sftok_platform.data prepare|no manifest.json in"):
+        ensure_dataset(cfg)
