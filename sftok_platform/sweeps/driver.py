@@ -1,0 +1,504 @@
+"""Running a sweep: Tune function trainables that drive Ray Train stages (Train V2 pattern), the shared
+stages, and ``Tuner``/``Tuner.restore`` around them.
+
+Train V2 pattern (PLATFORM.md 1.3, P1): ``Tuner(TorchTrainer(...))`` is gone, so each trial is a Tune
+*function trainable* that calls ``sftok_platform.train.run_stage`` (one ``TorchTrainer.fit()`` per stage)
+with a :class:`~sftok_platform.sweeps.runs.SweepReporter` (a ``TuneReportCallback``) that forwards the
+workers' reports to Tune. The trial itself reports only its final figures, through ``ray.tune.report``
+(never ``ray.train.report``, P2). When ASHA stops a trial, Tune kills the trial actor, the Train controller
+dies with it and Train's placement-group cleaner frees the workers, which needs the State API (P8).
+
+Sweep layout (``<run.root>/sweeps/<name>/``)::
+
+    tune/                   Tune experiment state (``Tuner.restore`` reads it)
+    runs/shared/            stages every trial reuses (stage 0 teacher, the warm-up stage 1)
+    runs/<trial key>/       one pipeline run per trial (``run.root=runs``, ``run.name=<key>``)
+    init/                   the fresh initialisation of warm-up-off trials
+    report/                 summary.md, summary.csv, plots (also on the sweep's MLflow run)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from sftok.config import Config, ConfigError, apply_override
+from sftok_platform import tracking
+from sftok_platform.sweeps import report as reporting
+from sftok_platform.sweeps import runs
+from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, split_budget,
+                                          trial_key, trial_overrides)
+
+TUNE_DIR = "tune"
+
+
+# ######################################################################################################
+# Ray
+# ######################################################################################################
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(num_cpus: Optional[float] = None, num_gpus: Optional[int] = None) -> dict:
+    """Connect to the job's cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a private local one.
+
+    A local Ray gets a dashboard on a free port, and ``RAY_API_SERVER_ADDRESS`` points at it *before* the
+    cluster starts, so every Ray process inherits it. Why: Train V2's placement-group cleaner and other
+    State API clients find the dashboard by auto-detection, which fails with "Found multiple active Ray
+    instances" on a machine where other users run their own local Ray; the stopped trials' workers then
+    leak and the next trials hang PENDING (seen on the shared dev machine; PLATFORM.md P8).
+    """
+    import ray
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    from sftok_platform.cluster import ray_address
+    address = ray_address()
+    if address != "local":
+        ray.init(address=address, logging_level="warning")
+        return dict(ray.cluster_resources())
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    cores = os.cpu_count() or 1
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             num_cpus=num_cpus if num_cpus is not None else cores + 2, num_gpus=num_gpus,
+             logging_level="warning")
+    return dict(ray.cluster_resources())
+
+
+# ######################################################################################################
+# What every trial of a sweep shares
+# ######################################################################################################
+
+@dataclass
+class SweepContext:
+    """Everything a trial needs besides its own parameters (shipped with ``tune.with_parameters``)."""
+    kind: str                      # replace-ratio | decode-steps | search
+    name: str                      # sweep name (directory, MLflow tag)
+    sweep_dir: str
+    cfg: dict                      # base config: run.root=<sweep>/runs, tracking.uri explicit
+    shards: str = ""
+    parent_run_id: str = ""
+    teacher: str = ""              # teacher for stages 1-2 and stage-1/2 decoding (weights file or export)
+    stage1_export: str = ""        # shared warm-up (replace-ratio)
+    scratch_init: str = ""         # fresh initialisation (warm-up off)
+    budget: int = 0                # search: steps of stages 1 + 2 together
+    evaluation: str = "val"        # val: the stage's validation figures; full: sftok_platform.evaluate
+    eval_steps: tuple = ()
+    checkpoint: str = ""           # decode-steps: the export being evaluated
+    debug: Optional[dict] = None   # fault injection, forwarded to run_stage (tests)
+
+    def config(self, overrides: Optional[dict] = None) -> Config:
+        from sftok_platform.train.loop import config_from_dict
+        cfg = config_from_dict(self.cfg)
+        for k, v in (overrides or {}).items():
+            apply_override(cfg, k, v)
+        return cfg.validate()
+
+
+def sweep_config(cfg: Config, sweep_dir: Path) -> Config:
+    """The base config of every trial: runs live under the sweep; the tracking URI stays the user's."""
+    from sftok_platform.train.loop import config_from_dict
+    cfg = config_from_dict(cfg.to_dict())          # a copy
+    uri = tracking.tracking_uri(cfg)
+    if uri.startswith("sqlite:"):
+        tracking.run_root(cfg).mkdir(parents=True, exist_ok=True)
+        if not cfg.tracking.uri:
+            # keep the same DB and artifact store as the user's pipeline runs, not one per sweep dir
+            cfg.tracking.uri = uri
+    cfg.run.root = str(sweep_dir / "runs")
+    return cfg
+
+
+def _write_scratch_init(cfg: Config, directory: Path) -> str:
+    """A freshly initialised stage-1/2 model saved as an export: stage 2 "without warm-up" loads it."""
+    import torch
+
+    from sftok.checkpoint import save_model
+    from sftok.model import SFTok
+    if (directory / "config.json").is_file():
+        return str(directory)
+    torch.manual_seed(cfg.train.seed)
+    model = SFTok(dataclasses.replace(cfg.model, pixel_head=False))
+    save_model(model, directory)
+    return str(directory)
+
+
+def _teacher_path(cfg: Config) -> str:
+    if not cfg.teacher.weights:
+        return ""
+    from sftok.weights import resolve_weight
+    try:
+        return str(resolve_weight(cfg.teacher.weights, "teacher.weights"))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+
+
+def prepare_shared(ctx: SweepContext, *, need_stage1: bool, echo: Callable[[str], None] = print) -> SweepContext:
+    """Train (or find) what the trials share: the stage-0 teacher (without ``teacher.weights``) and, for a
+    grid with warm-up, the stage-1 run. Runs in the sweep driver before any trial starts."""
+    from sftok_platform.train import run_stage
+    cfg = ctx.config({"run.name": "shared"})
+    teacher = _teacher_path(cfg)
+    if not teacher:
+        echo("[sweep] shared stage0 (teacher) ...")
+        teacher = run_stage(cfg, "stage0", shards=ctx.shards, parent_run_id=ctx.parent_run_id).checkpoint_dir
+    ctx = dataclasses.replace(ctx, teacher=teacher)
+    if need_stage1:
+        echo("[sweep] shared stage1 (warm-up) ...")
+        res = run_stage(cfg, "stage1", shards=ctx.shards, parent_run_id=ctx.parent_run_id,
+                        inputs={"teacher": teacher})
+        ctx = dataclasses.replace(ctx, stage1_export=res.checkpoint_dir)
+    ctx = dataclasses.replace(ctx, scratch_init=_write_scratch_init(cfg, Path(ctx.sweep_dir) / "init"))
+    return ctx
+
+
+# ######################################################################################################
+# Trainables
+# ######################################################################################################
+
+def train_trial(config: dict, ctx: SweepContext) -> None:
+    """One training trial: (stage 1 when the trial owns its warm-up) -> stage 2 -> final figures.
+
+    Grid trials with warm-up start stage 2 from the shared stage-1 export; search trials train their own
+    stage 1 for their share of the budget. Each stage is a ``run_stage`` call named after the trial key,
+    so a restored trial resumes from its last Ray Train checkpoint or skips finished stages.
+    """
+    from ray import tune
+
+    from sftok_platform.train import run_stage
+    params = {k: v for k, v in config.items()}
+    key = trial_key(params, tune.get_context().get_trial_id())
+    base = ctx.config()
+    overrides = trial_overrides(params, base, budget=ctx.budget or None)
+    overrides["run.name"] = key
+    cfg = ctx.config(overrides)
+    uri = tracking.tracking_uri(cfg)
+    own_warmup = ctx.kind == "search" and cfg.stage1.steps > 0
+    warm = own_warmup if ctx.kind == "search" else bool(params.get("warmup", True))
+    logged = {**params, "trial_key": key, "warmup": warm, "stage1.steps": cfg.stage1.steps if warm else 0,
+              "stage2.steps": cfg.stage2.steps, "stage2.replace_prob": cfg.stage2.replace_prob,
+              "stage2.unmasked_weight": cfg.stage2.unmasked_weight, "stage2.lr": cfg.stage2.lr,
+              "train.seed": cfg.train.seed}
+    run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, logged)
+    offset = 0
+    try:
+        if own_warmup:
+            s1 = run_stage(cfg, "stage1", shards=ctx.shards, parent_run_id=run_id, inputs={"teacher": ctx.teacher},
+                           callbacks=[runs.SweepReporter("stage1", 0, uri, run_id)], debug=ctx.debug)
+            init, offset = s1.checkpoint_dir, cfg.stage1.steps
+        elif warm:
+            init, offset = ctx.stage1_export, base.stage1.steps
+        else:
+            init = ctx.scratch_init
+        s2 = run_stage(cfg, "stage2", shards=ctx.shards, parent_run_id=run_id,
+                       inputs={"teacher": ctx.teacher, "init": init},
+                       callbacks=[runs.SweepReporter("stage2", offset, uri, run_id)], debug=ctx.debug)
+        final = {k: float(v) for k, v in s2.metrics.items() if isinstance(v, (int, float))}
+        if ctx.evaluation == "full":
+            final.update(evaluate_export(s2.checkpoint_dir, ctx, cfg, list(ctx.eval_steps or cfg.eval.steps)))
+        final.update(sweep_step=offset + cfg.stage2.steps, trial_done=1.0)
+        runs.log_metrics(uri, run_id, final, step=final["sweep_step"])
+        tracking.client(uri).set_tag(run_id, "sftok.export", s2.checkpoint_dir)
+    except BaseException:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    runs.end_run(uri, run_id, "FINISHED")
+    tune.report({**final, "trial_key": key, "stage": "done", "export": s2.checkpoint_dir})
+
+
+def eval_trial(config: dict, ctx: SweepContext) -> None:
+    """One decode-steps trial: evaluate the fixed export at ``config["steps"]`` decoding steps (no training)."""
+    from ray import tune
+    steps = int(config["steps"])
+    cfg = ctx.config()
+    uri = tracking.tracking_uri(cfg)
+    key = trial_key(config)
+    run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, {"steps": steps, "checkpoint": ctx.checkpoint})
+    t0 = time.time()
+    try:
+        metrics = evaluate_export(ctx.checkpoint, ctx, cfg, [steps])
+        metrics = {k.replace(f"_{steps}step", ""): v for k, v in metrics.items()}
+        metrics["eval_seconds"] = time.time() - t0
+        runs.log_metrics(uri, run_id, metrics, step=steps)
+    except BaseException:
+        runs.end_run(uri, run_id, "FAILED")
+        raise
+    runs.end_run(uri, run_id, "FINISHED")
+    tune.report({**metrics, "steps": steps, "trial_key": key, "trial_done": 1.0})
+
+
+# ######################################################################################################
+# Evaluation of one export
+# ######################################################################################################
+
+def evaluate_export(export: str, ctx: SweepContext, cfg: Config, steps: list[int]) -> dict[str, float]:
+    """Reconstruction figures of ``export`` at each decoding step count, as ``<metric>_<n>step``.
+
+    Uses the evaluation module (``sftok_platform.evaluate.evaluate_checkpoint``: rFID with the Inception
+    weights of ``eval.inception_weights``, IS, PSNR, SSIM, LPIPS, codebook statistics) when it is installed;
+    otherwise the small built-in fallback below (PSNR and token accuracy against the teacher codes).
+    """
+    from sftok.checkpoint import read_model_config
+    from sftok_platform.train import checkpointing as ckpt
+    teacher = None
+    if not read_model_config(export).pixel_head:
+        if not ctx.teacher:
+            raise ConfigError(f"{export} is a stage-1/2 model: decoding to pixels needs the teacher; pass "
+                              "--teacher <stage0 export or teacher weights> (or teacher.weights=...).")
+        teacher = ckpt.load_teacher_export(ctx.teacher, cfg)
+    try:
+        from sftok_platform.evaluate import evaluate_checkpoint
+    except ImportError:
+        return _fallback_eval(export, teacher, ctx.shards, cfg, steps)
+    out = evaluate_checkpoint(export, ctx.shards, cfg, steps=steps, teacher=teacher, use_ray=False)
+    return reporting.flatten_eval(out)
+
+
+def _fallback_eval(export: str, teacher, shards: str, cfg: Config, steps: list[int]) -> dict[str, float]:
+    import torch
+
+    from sftok.checkpoint import load_model
+    from sftok_platform.data import read_split
+    model = load_model(export).eval()
+    limit = cfg.eval.max_images or 10 ** 9
+    sums: dict[str, float] = {}
+    n = 0
+    with torch.no_grad():
+        for batch in read_split(shards, "val", train=False, image_size=cfg.model.image_size).iter_torch_batches(
+                batch_size=cfg.eval.batch_size):
+            images = batch["image"].float()[: limit - n]
+            tokens = model.encode(images)
+            codes = teacher.encode_codes(images) if teacher is not None else None
+            for s in steps:
+                res = model.decode(tokens, num_steps=s, temperature=0.0)
+                recon = (teacher.decode_codes(res.ids) if teacher is not None
+                         else model.decode_tokens(tokens, num_steps=s, temperature=0.0)).clamp(0, 1)
+                mse = ((recon - images) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+                sums[f"psnr_{s}step"] = sums.get(f"psnr_{s}step", 0.0) + float((10 * torch.log10(1 / mse)).sum())
+                if codes is not None:
+                    acc = (res.ids == codes).float().mean(1).sum()
+                    sums[f"accuracy_{s}step"] = sums.get(f"accuracy_{s}step", 0.0) + float(acc)
+            n += images.shape[0]
+            if n >= limit:
+                break
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+# ######################################################################################################
+# The sweep
+# ######################################################################################################
+
+@dataclass
+class SweepResult:
+    name: str
+    kind: str
+    sweep_dir: str
+    parent_run_id: str
+    tracking_uri: str
+    rows: list[dict]
+    report_files: dict[str, str]
+    seconds: float
+    result_grid: Any = None
+
+
+def _sweep_dir(cfg: Config, name: str) -> Path:
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"sweep name {name!r}: use a plain directory name such as replace-ratio-tiny.")
+    return tracking.run_root(cfg) / "sweeps" / name
+
+
+def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: bool = False,
+              ratios=None, warmup=(True, False), seeds=(0,), steps=None, checkpoint: str = "",
+              teacher: str = "", trials: int = 16, fixed: Optional[dict] = None,
+              concurrency: Optional[int] = None, driver_cpus: float = 0.25, eval_cpus: float = 1.0,
+              eval_gpus: float = 0.0, evaluation: str = "val", asha: bool = True, grace_steps: Optional[int] = None,
+              optuna_seed: int = 0, points_to_evaluate: Optional[list] = None, debug: Optional[dict] = None,
+              num_cpus: Optional[float] = None, echo: Callable[[str], None] = print) -> SweepResult:
+    """Run (or, with ``resume``, restore and finish) one sweep; returns the per-trial rows and report files.
+
+    Args:
+        kind: ``replace-ratio``, ``decode-steps`` or ``search`` (see :mod:`sftok_platform.sweeps.spaces`).
+        cfg: the resolved base config (preset + overrides).
+        name: sweep name (default: the kind); the same name + ``resume=True`` continues an interrupted sweep.
+        concurrency: trials at once (default: what the cluster's CPUs/GPUs fit).
+        driver_cpus: CPUs reserved by each trial's driver function (it only waits on the Train run).
+        evaluation: ``val`` (stage validation CE/PSNR, cheap) or ``full`` (the evaluation module: rFID, ...).
+        asha / grace_steps: search only: ASHA early stopping on the training loss at equal ``sweep_step``.
+        debug: fault injection forwarded to ``run_stage`` (tests).
+    """
+    from ray import tune
+    if kind not in ("replace-ratio", "decode-steps", "search"):
+        raise ConfigError(f"unknown sweep {kind!r}; use replace-ratio, decode-steps or search.")
+    if evaluation not in ("val", "full"):
+        raise ConfigError(f"evaluation={evaluation!r}: use val (validation CE/PSNR) or full (rFID etc.).")
+    t0 = time.time()
+    name = name or kind
+    sweep_dir = _sweep_dir(cfg, name)
+    tune_path = sweep_dir / TUNE_DIR
+    exists = tune.Tuner.can_restore(str(tune_path)) if tune_path.exists() else False
+    if exists and not resume:
+        raise ConfigError(f"sweep {name!r} already exists in {sweep_dir}. Continue it with --resume, or start "
+                          f"a new one with --name <other name>.")
+    if resume and not exists:
+        echo(f"[sweep] nothing to resume in {tune_path}; starting sweep {name!r} afresh")
+    resources = init_ray(num_cpus=num_cpus)
+    base = sweep_config(cfg, sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    base.save(sweep_dir / "config.yaml")
+    uri = tracking.tracking_uri(base)
+
+    # -------------------------------------------------------------- what the trials share
+    if kind == "decode-steps":
+        if not checkpoint:
+            raise ConfigError("decode-steps needs --checkpoint <export dir> (model.safetensors + config.json), "
+                              "e.g. runs/<run>/stages/stage3/export.")
+        checkpoint = resolve_export(checkpoint)
+        ratios_or_steps = list(steps or base.eval.steps or (1, 2, 4, 8, 16))
+        space = decode_steps_space(ratios_or_steps)
+        description = {"kind": kind, "checkpoint": checkpoint, "steps": ratios_or_steps}
+    elif kind == "replace-ratio":
+        space = replace_ratio_space(ratios if ratios is not None else (0.0, 0.5, 0.8, 1.0), warmup, seeds)
+        description = {"kind": kind, "ratios": list(ratios or (0.0, 0.5, 0.8, 1.0)), "warmup": list(warmup),
+                       "seeds": list(seeds), "stage1.steps": base.stage1.steps, "stage2.steps": base.stage2.steps}
+    else:
+        space = search_space(fixed)
+        description = {"kind": kind, "trials": trials, "budget": base.stage1.steps + base.stage2.steps,
+                       "fixed": json.dumps(fixed or {}), "asha": asha}
+    parent = runs.start_sweep_run(base, name, kind, description)
+    from sftok_platform.data import ensure_dataset
+    shards = ensure_dataset(base)
+    ctx = SweepContext(kind=kind, name=name, sweep_dir=str(sweep_dir), cfg=base.to_dict(), shards=shards,
+                       parent_run_id=parent, budget=base.stage1.steps + base.stage2.steps, evaluation=evaluation,
+                       eval_steps=tuple(base.eval.steps), checkpoint=checkpoint, debug=debug)
+    try:
+        if kind == "decode-steps":
+            ctx = dataclasses.replace(ctx, teacher=teacher or _teacher_path(base) or _find_teacher(checkpoint))
+        else:
+            ctx = prepare_shared(ctx, need_stage1=kind == "replace-ratio" and any(warmup), echo=echo)
+
+        # -------------------------------------------------------------- resources per trial and Tune
+        t = base.train
+        if kind == "decode-steps":
+            per_trial = {"cpu": eval_cpus, **({"gpu": eval_gpus} if eval_gpus else {})}
+            trainable = tune.with_resources(tune.with_parameters(eval_trial, ctx=ctx), per_trial)
+            fits = _fits(resources, per_trial)
+        else:
+            per_trial = {"cpu": driver_cpus}
+            trainable = tune.with_resources(tune.with_parameters(train_trial, ctx=ctx), per_trial)
+            fits = _fits(resources, {"cpu": driver_cpus + t.workers * t.cpus_per_worker,
+                                     **({"gpu": t.workers} if t.gpu else {})}, spare_cpus=1)
+        max_concurrent = concurrency or fits
+        echo(f"[sweep] {name}: {kind}, up to {max_concurrent} trial(s) at once, resources per trial "
+             f"{per_trial} + Train workers {t.workers} x {t.cpus_per_worker} CPU{' + GPU' if t.gpu else ''}"
+             if kind != "decode-steps" else
+             f"[sweep] {name}: decode-steps on {checkpoint}, up to {max_concurrent} trial(s), {per_trial} each")
+        run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir),
+                                    failure_config=tune.FailureConfig(max_failures=0))
+        if exists and resume:
+            echo(f"[sweep] restoring {tune_path} (finished trials are kept, interrupted ones resume by name)")
+            tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=False, restart_errored=True)
+        else:
+            tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
+                               tune_config=_tune_config(kind, base, trials, max_concurrent, asha, grace_steps,
+                                                        optuna_seed, points_to_evaluate))
+        grid = tuner.fit()
+
+        # -------------------------------------------------------------- table, plots, MLflow
+        rows = reporting.collect_rows(grid, kind, budget=ctx.budget)
+        _close_stopped_trials(base, parent, rows)
+        files = reporting.write_report(rows, kind, sweep_dir / "report", title=f"sweep {name!r} ({kind})",
+                                       notes=_notes(base, kind, evaluation))
+        reporting.log_report(uri, parent, files, rows)
+        echo(Path(files["markdown"]).read_text())
+        runs.end_run(uri, parent, "FINISHED")
+    except BaseException:
+        runs.end_run(uri, parent, "FAILED")
+        raise
+    return SweepResult(name, kind, str(sweep_dir), parent, uri, rows, files, time.time() - t0, grid)
+
+
+def _tune_config(kind: str, base: Config, trials: int, max_concurrent: int, asha: bool,
+                 grace_steps: Optional[int], optuna_seed: int, points: Optional[list]):
+    from ray import tune
+    if kind != "search":
+        return tune.TuneConfig(max_concurrent_trials=max_concurrent, num_samples=1)
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+    budget = base.stage1.steps + base.stage2.steps
+    # Optuna learns from the final validation figure (multi-step PSNR); ASHA compares the training loss at
+    # equal sweep_step (trials stopped early have no final figure and count as pruned in Optuna). Caveat:
+    # SFVR makes the training task harder, so ASHA's training-loss cut is biased towards low replace_prob.
+    metric, mode = reporting.objective(base)
+    searcher = OptunaSearch(metric=metric, mode=mode, seed=optuna_seed, points_to_evaluate=points or None)
+    scheduler = None
+    if asha:
+        grace = grace_steps or max(1, budget // 4)
+        scheduler = ASHAScheduler(time_attr="sweep_step", metric="loss", mode="min", max_t=budget,
+                                  grace_period=grace, reduction_factor=2, stop_last_trials=False)
+    return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
+                           max_concurrent_trials=max_concurrent)
+
+
+def _fits(resources: dict, per_trial: dict, spare_cpus: float = 0.0) -> int:
+    """How many trials the cluster runs at once (one CPU is left for Ray Data next to the workers)."""
+    n = int((float(resources.get("CPU", 1)) - spare_cpus) // max(per_trial.get("cpu", 1), 1e-6))
+    if per_trial.get("gpu"):
+        n = min(n, int(float(resources.get("GPU", 0)) // per_trial["gpu"]))
+    return max(1, n)
+
+
+def _close_stopped_trials(cfg: Config, parent: str, rows: list[dict]) -> None:
+    """Trial runs whose trial was stopped (ASHA) or crashed are still RUNNING in MLflow: close them."""
+    uri = tracking.tracking_uri(cfg)
+    for key, run in runs.trial_runs(cfg, parent).items():
+        if run.info.status == "RUNNING":
+            row = next((r for r in rows if r.get("trial_key") == key), {})
+            status = "KILLED" if row.get("status") == "stopped early" else "FAILED"
+            tracking.client(uri).set_tag(run.info.run_id, "sftok.trial_status", row.get("status", "unknown"))
+            runs.end_run(uri, run.info.run_id, status)
+
+
+def _notes(cfg: Config, kind: str, evaluation: str) -> list[str]:
+    img = cfg.model.image_size
+    notes = [f"preset {cfg.preset}: encoder {cfg.model.encoder_size}, decoder {cfg.model.decoder_size}, "
+             f"{cfg.model.num_latent_tokens} tokens, {img}x{img} images; data {cfg.data.path or 'built-in synthetic'}."]
+    if kind != "decode-steps":
+        notes.append(f"stage 1: {cfg.stage1.steps} steps, stage 2: {cfg.stage2.steps} steps, global batch "
+                     f"{cfg.stage2.global_batch_size}, lr {cfg.stage2.lr:g}.")
+    if evaluation == "val":
+        notes.append("Metric: validation of the stage-2 EMA model on the val split: val CE = 1-step cross-entropy "
+                     "against the teacher codes; PSNR / token accuracy after n-step deterministic decoding "
+                     "through the teacher decoder. No rFID (run with --evaluation full for rFID).")
+    return notes
+
+
+def resolve_export(path: str) -> str:
+    """An export dir (``model.safetensors`` + ``config.json``) from a stage dir, a run dir or the export."""
+    p = Path(path).expanduser().resolve()
+    for cand in (p, p / "export", p / "stages" / "stage3" / "export", p / "stages" / "stage2" / "export"):
+        if (cand / "config.json").is_file() and (cand / "model.safetensors").is_file():
+            return str(cand)
+    raise ConfigError(f"--checkpoint {path}: no model.safetensors + config.json there (nor in export/ or "
+                      "stages/stage3/export/). Pass a stage export, e.g. runs/<run>/stages/stage3/export.")
+
+
+def _find_teacher(export: str) -> str:
+    """The stage-0 export next to a stage export of the same run (for stage-1/2 checkpoints)."""
+    p = Path(export)
+    for cand in (p.parent.parent / "stage0" / "export", p.parent.parent.parent / "stage0" / "export"):
+        if (cand / "teacher.safetensors").is_file():
+            return str(cand)
+    return ""
+
+
+__all__ = ["init_ray", "SweepContext", "SweepResult", "run_sweep", "train_trial", "eval_trial",
+           "evaluate_export", "resolve_export", "prepare_shared", "sweep_config"]
