@@ -131,13 +131,18 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor], prefixes=("module.", "backbon
     return out
 
 
-def missing_weights(cfg, stages=("stage3",)) -> list[str]:
+def missing_weights(cfg, stages=None) -> list[str]:
     """Messages for every external file the given stages need but cannot find (empty list = all good).
 
     Call this before a pipeline starts, so a missing VGG or DINO file fails in seconds rather than after
-    hours of stages 0-2. ``cfg`` is a :class:`sftok.config.Config`.
+    hours of stages 0-2. ``cfg`` is a :class:`sftok.config.Config`; ``stages`` defaults to
+    ``cfg.run.stages``. An empty ``teacher.weights`` is fine (stage 0 trains a teacher); a set but
+    missing one is reported.
     """
+    stages = list(cfg.run.stages if stages is None else stages)
     needed: list[str] = []
+    if cfg.teacher.weights and any(s in stages for s in ("stage1", "stage2", "stage3")):
+        needed.append("teacher.weights")
     if "stage3" in stages:
         lc = cfg.losses
         if lc.perceptual_weight > 0:

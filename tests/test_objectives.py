@@ -221,6 +221,9 @@ def test_missing_weights_reports_every_stage3_file():
     assert len(problems) == 3 and any("vgg16-397923af.pth" in p for p in problems)
     ok = load_config("b64", ["losses.perceptual_weight=0", "losses.dino_weights=random"], validate=False)
     assert missing_weights(ok) == []
+    assert missing_weights(load_config("b64", validate=False), stages=["stage0", "stage1"]) == []
+    bad_teacher = load_config("b64", ["teacher.weights=/nonexistent/maskgit.bin"], validate=False)
+    assert any("maskgit-vqgan-imagenet-f16-256.bin" in p for p in missing_weights(bad_teacher, ["stage1"]))
 
 
 def test_weight_files_are_loaded_safely(tmp_path):
