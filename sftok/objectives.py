@@ -348,6 +348,9 @@ class Stage3Loss(nn.Module):
                     mask: Optional[torch.Tensor] = None):
         """Stage-3 forward: (x_hat, logits, qinfo, mask). Visible slots show argmax of the guide pass."""
         base = unwrap_model(model)
+        if base.latent_tokens.requires_grad or any(p.requires_grad for p in base.quantize.parameters()):
+            raise RuntimeError("stage 3 keeps the encoder, quantizer and latent tokens frozen: call "
+                               "Stage3Loss.prepare_model(model) once before training.")
         B, N = images.shape[0], base.cfg.num_proxy_codes
         mask = arccos_mask(B, N, generator) if mask is None else check_mask(mask, B, N, "mask")
         mask = mask.to(images.device)

@@ -491,9 +491,12 @@ def test_stage3_checkpoint_state_roundtrip(images):
     assert not any(k.startswith("lpips.") for k in Stage3Loss(tiny_loss_cfg()).state_dict())
 
 
-def test_stage3_needs_a_pixel_head(model12):
+def test_stage3_needs_a_pixel_head_and_a_frozen_encoder(model12, images):
     with pytest.raises(ValueError, match="pixel head"):
         Stage3Loss.prepare_model(model12)
+    s3 = Stage3Loss(LossConfig(perceptual_weight=0.0, discriminator_weight=0.0))
+    with pytest.raises(RuntimeError, match="prepare_model"):
+        s3.generator_loss(sftok.create_model("sftok_tiny"), images, 0)
 
 
 # ###################################################################################################### EMA
