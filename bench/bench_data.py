@@ -1,0 +1,132 @@
+"""Data benchmark: prep throughput (Ray Data vs a single-process PIL loop) and reader throughput.
+
+    python bench/bench_data.py --images 3000 --cpus 2
+
+1. Makes ``--images`` ImageNet-like JPEGs (500x375, q90, structured content) in a temp dir.
+2. Baseline: one Python process reads every file, validates it exactly as the prep does (full decode,
+   ``validate.check_image``) and writes Parquet shards of the same size.
+3. Ray Data: ``prepare()`` on a local Ray instance with ``--cpus`` CPUs (started before the clock runs;
+   the pipeline start, staging and commit are inside the clock), for the default mode (keep the original
+   bytes) and ``--resize 288`` (decode + resize + re-encode).
+4. Reader: images/s of ``read_split(train=True)`` (decode + SPEC C.3 augmentation to float32 [3,256,256])
+   through ``iter_torch_batches``, next to the same transform in a single-process loop.
+Prints one line per figure, and the machine load (``os.getloadavg``) before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sftok_platform.data import prepare, read_split                          # noqa: E402
+from sftok_platform.data.synthetic import render                             # noqa: E402
+from sftok_platform.data.transforms import to_chw_float, train_transform     # noqa: E402
+from sftok_platform.data.validate import CheckOptions, check_image           # noqa: E402
+
+
+def make_source(root: Path, n: int, classes: int = 10) -> None:
+    for i in range(n):
+        d = root / "train" / f"n{i % classes:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        arr, _ = render(i, seed=1, size=512)
+        noise = np.random.default_rng(i).integers(-12, 13, (375, 500, 3))
+        img = Image.fromarray(np.clip(arr[:375, :500].astype(int) + noise, 0, 255).astype(np.uint8))
+        img.save(d / f"img_{i:07d}.JPEG", quality=90)
+
+
+def baseline(root: Path, out: Path, shard_size: int, opts: CheckOptions) -> int:
+    files = sorted(p for p in (root / "train").rglob("*") if p.is_file())
+    out.mkdir(parents=True)
+    rows, kept, shard = [], 0, 0
+
+    def flush():
+        nonlocal rows, shard
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows), out / f"train-{shard:05d}.parquet", row_group_size=256)
+            rows, shard = [], shard + 1
+
+    for p in files:
+        c = check_image(p.read_bytes(), opts)
+        if not c.skip_reason:
+            rows.append({"image_bytes": c.data, "label": 0, "path": str(p.relative_to(root)),
+                         "width": c.width, "height": c.height})
+            kept += 1
+        if len(rows) == shard_size:
+            flush()
+    flush()
+    return kept
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=3000)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--shard-size", type=int, default=500)
+    ap.add_argument("--reader-images", type=int, default=512)
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args()
+
+    import ray
+    from ray.data import DataContext
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_"))
+    src = work / "src"
+    if not src.exists():
+        make_source(src, args.images)
+    mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 1e6
+    print(f"load before: {os.getloadavg()} on {os.cpu_count()} visible cores")
+    print(f"source: {args.images} JPEGs 500x375 q90, {mb:.0f} MB ({mb / args.images * 1e3:.0f} KB avg)")
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    DataContext.get_current().enable_progress_bars = False
+
+    manifests = {}
+    for label, resize in (("keep bytes", None), ("--resize 288", 288)):
+        shutil.rmtree(work / "base", ignore_errors=True)
+        t = time.perf_counter()
+        n = baseline(src, work / "base", args.shard_size, CheckOptions(resize=resize))
+        t_base = time.perf_counter() - t
+        out = work / f"ray_{resize}"
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        m = prepare(src, out, shard_size=args.shard_size, resize=resize, quiet=True)
+        t_ray = time.perf_counter() - t
+        assert m["counts"]["train"] == n == args.images
+        manifests[resize] = m
+        print(f"prep [{label}]: single-process PIL {n / t_base:.1f} img/s ({t_base:.1f} s) | Ray Data on "
+              f"{args.cpus} CPUs {n / t_ray:.1f} img/s ({t_ray:.1f} s) | speedup {t_base / t_ray:.2f}x")
+
+    shards = str(work / "ray_None")
+    first = manifests[None]["splits"]["train"]["shards"][0]["file"]
+    rows = pq.read_table(f"{shards}/{first}", columns=["image_bytes"]).column("image_bytes").to_pylist()[: args.reader_images // 4]
+    rng = np.random.default_rng(0)
+    t = time.perf_counter()
+    for data in rows:
+        to_chw_float([train_transform(data, 256, rng)])
+    single = len(rows) / (time.perf_counter() - t)
+    ds = read_split(shards, "train", train=True, seed=0).limit(args.reader_images)
+    t, n = time.perf_counter(), 0
+    for batch in ds.iter_torch_batches(batch_size=32, device="cpu"):
+        n += len(batch["label"])
+    t_read = time.perf_counter() - t
+    print(f"reader (decode 500x375 JPEG + resize 256 + crop + flip -> float32): single-process {single:.1f} img/s | "
+          f"read_split + iter_torch_batches on {args.cpus} CPUs {n / t_read:.1f} img/s ({n} images, {t_read:.1f} s "
+          f"incl. pipeline start)")
+    print(f"load after: {os.getloadavg()}")
+    ray.shutdown()
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
