@@ -1,0 +1,68 @@
+"""Connecting to Ray and checking that the cluster can run the configured job, before any work.
+
+``connect(cfg)``: a job submitted with ``ray job submit`` (or a shell with ``RAY_ADDRESS``) joins that
+cluster; anything else starts a private local Ray (``address="local"``), never attaching to someone
+else's cluster by accident. ``check_resources(cfg)``: refuses more workers / GPUs than the cluster has,
+with a message that says what to change.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from sftok.config import Config, ConfigError
+
+
+def ray_address() -> str:
+    """``RAY_ADDRESS`` when set (job submissions set it), else ``"local"``."""
+    addr = os.environ.get("RAY_ADDRESS", "").strip()
+    if not addr:
+        return "local"
+    if addr.startswith(("http://", "https://")):   # a dashboard URL: ray.init needs the GCS
+        return "auto"
+    return addr
+
+
+def connect(cfg: Optional[Config] = None, *, num_cpus: Optional[int] = None, quiet: bool = True) -> dict:
+    """``ray.init`` once (no-op when already connected); returns ``ray.cluster_resources()``.
+
+    A local Ray gets the machine's cores plus a little logical head-room (Ray Data's read and transform
+    tasks run next to the Train workers) unless ``num_cpus`` says otherwise.
+    """
+    import ray
+    if not ray.is_initialized():
+        address = ray_address()
+        kwargs: dict = {"configure_logging": True, "logging_level": "warning" if quiet else "info",
+                        "log_to_driver": True}
+        if address == "local":
+            cores = os.cpu_count() or 1
+            want = (cfg.train.workers * cfg.train.cpus_per_worker) if cfg is not None else 0
+            kwargs["num_cpus"] = num_cpus if num_cpus is not None else max(cores, want) + 2
+            kwargs["include_dashboard"] = True   # Train V2 cleans placement groups through the State API
+        ray.init(address=address, **kwargs)
+    return dict(ray.cluster_resources())
+
+
+def check_resources(cfg: Config, resources: Optional[dict] = None) -> None:
+    """Refuse a scaling request the cluster cannot satisfy (ConfigError says how to fix it)."""
+    if resources is None:
+        import ray
+        resources = dict(ray.cluster_resources())
+    t = cfg.train
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    need_cpus = t.workers * t.cpus_per_worker
+    where = "this machine's local Ray" if ray_address() == "local" else "the Ray cluster"
+    if t.gpu and gpus < t.workers:
+        raise ConfigError(
+            f"train.workers={t.workers} with train.gpu=true needs {t.workers} GPUs, but {where} has "
+            f"{gpus:g}. Lower --workers to {int(gpus)} (if > 0), drop --gpu to train on CPUs, or add GPU nodes "
+            f"(ray_cluster.yaml: available_node_types.gpu_worker.min_workers).")
+    if need_cpus > cpus:
+        raise ConfigError(
+            f"train.workers={t.workers} x train.cpus_per_worker={t.cpus_per_worker} needs {need_cpus} CPUs, but "
+            f"{where} has {cpus:g}. Lower --workers (e.g. --workers {max(1, int(cpus // t.cpus_per_worker))}) "
+            f"or train.cpus_per_worker, or connect to a bigger cluster (RAY_ADDRESS / ray job submit).")
+
+
+__all__ = ["ray_address", "connect", "check_resources"]

@@ -1,0 +1,218 @@
+"""Where a pipeline run keeps its files, and the safe formats of training state and stage exports.
+
+Layout of one run (``<run.root>/<run.name>/``)::
+
+    config.yaml                     resolved config of the latest launch
+    ray/<run>-<stage>/step_*/       Ray Train checkpoints (RunConfig(storage_path=<run>/ray)), state.pt
+    stages/<stage>/export/          final EMA weights for the next stage (model.safetensors + config.json,
+                                    or teacher.safetensors for stage 0)
+    stages/<stage>/done.json        marker: the stage finished; a rerun skips it
+    stages/<stage>/journal.jsonl    one line per optimiser step and per (re)start, written by rank 0
+
+Training state (``state.pt``) is a dict of tensors, numbers and strings saved with ``torch.save`` and read
+back with ``weights_only=True``: model, EMA, optimizer, grad scaler, discriminator + its optimizer, the step,
+every rank's RNG states and the resolved config (YAML text). Nothing is unpickled beyond plain data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+STATE_FILE = "state.pt"
+TEACHER_FILE = "teacher.safetensors"
+TEACHER_CONFIG = "teacher.json"
+
+
+# ######################################################################################################
+# Run layout
+# ######################################################################################################
+
+@dataclass(frozen=True)
+class StagePaths:
+    run_dir: Path
+    stage: str
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / "stages" / self.stage
+
+    @property
+    def export(self) -> Path:
+        return self.dir / "export"
+
+    @property
+    def done(self) -> Path:
+        return self.dir / "done.json"
+
+    @property
+    def journal(self) -> Path:
+        return self.dir / "journal.jsonl"
+
+    @property
+    def images(self) -> Path:
+        return self.dir / "images"
+
+
+def storage_path(run_dir: Path) -> Path:
+    """``RunConfig(storage_path=...)`` of every stage of this run."""
+    return Path(run_dir) / "ray"
+
+
+def ray_run_name(run_name: str, stage: str) -> str:
+    """Deterministic Ray Train run name: the same name resumes (PLATFORM.md P4), so never a timestamp."""
+    return f"{run_name}-{stage}"
+
+
+def is_done(paths: StagePaths) -> bool:
+    return paths.done.is_file() and paths.export.is_dir()
+
+
+def read_done(paths: StagePaths) -> dict:
+    return json.loads(paths.done.read_text())
+
+
+def mark_done(paths: StagePaths, info: dict) -> None:
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    tmp = paths.done.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}, indent=2,
+                              default=str))
+    os.replace(tmp, paths.done)
+
+
+def journal(paths: StagePaths, **entry: Any) -> None:
+    paths.dir.mkdir(parents=True, exist_ok=True)
+    with paths.journal.open("a") as f:
+        f.write(json.dumps(entry, default=float) + "\n")
+
+
+def read_journal(paths: StagePaths) -> list[dict]:
+    if not paths.journal.is_file():
+        return []
+    return [json.loads(line) for line in paths.journal.read_text().splitlines() if line.strip()]
+
+
+# ######################################################################################################
+# RNG states (as tensors, so they survive weights_only loading)
+# ######################################################################################################
+
+def capture_rng() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(_tuplify(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ######################################################################################################
+# Training state
+# ######################################################################################################
+
+def save_state(directory: str | os.PathLike, state: dict) -> Path:
+    """Write ``state.pt`` atomically into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / (STATE_FILE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, directory / STATE_FILE)
+    return directory / STATE_FILE
+
+
+def load_state(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Read ``state.pt`` with ``weights_only=True`` (tensors and plain containers only)."""
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: not a training checkpoint of this project.")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def optimizer_fingerprint(optimizer_state: dict) -> float:
+    """A number that changes with any AdamW moment: the sum of |exp_avg| + |exp_avg_sq| over all params.
+
+    Used by the journal to show that a resumed stage continued with the very optimizer state it saved.
+    """
+    total = 0.0
+    for s in optimizer_state.get("state", {}).values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in s:
+                total += float(s[key].double().abs().sum())
+    return total
+
+
+# ######################################################################################################
+# Stage exports (what the next stage loads)
+# ######################################################################################################
+
+def save_teacher(teacher: torch.nn.Module, directory: str | os.PathLike, *, hidden_channels: int,
+                 codebook_size: int, z_channels: int) -> Path:
+    """Stage-0 export: ``teacher.safetensors`` (official MaskGIT-VQGAN keys) + ``teacher.json``."""
+    from safetensors.torch import save_file
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
+    save_file(sd, str(directory / TEACHER_FILE), metadata={"format": "maskgit-vqgan"})
+    (directory / TEACHER_CONFIG).write_text(json.dumps(
+        {"hidden_channels": hidden_channels, "codebook_size": codebook_size, "z_channels": z_channels}, indent=2))
+    return directory / TEACHER_FILE
+
+
+def teacher_file(export_dir: str | os.PathLike) -> Path:
+    return Path(export_dir) / TEACHER_FILE
+
+
+def load_teacher_export(path: str | os.PathLike, cfg, device: str | torch.device = "cpu"):
+    """A frozen teacher from a stage-0 export dir or the official weights file (``teacher.weights``)."""
+    from sftok.maskgit_vqgan import load_teacher
+    path = Path(path)
+    if path.is_dir():
+        path = path / TEACHER_FILE
+    t = cfg.teacher
+    teacher = load_teacher(path, hidden_channels=t.hidden_channels, codebook_size=t.codebook_size,
+                           z_channels=t.z_channels)
+    return teacher.to(device).eval().requires_grad_(False)
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    import shutil
+    dst = Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def latest_checkpoint_dir(ray_run_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest ``step_*`` directory of a Ray Train run dir (for inspection and tests)."""
+    steps = sorted(Path(ray_run_dir).glob("step_*"))
+    return steps[-1] if steps else None
+
+
+__all__ = ["StagePaths", "storage_path", "ray_run_name", "is_done", "read_done", "mark_done", "journal",
+           "read_journal", "capture_rng", "restore_rng", "save_state", "load_state", "optimizer_fingerprint",
+           "save_teacher", "teacher_file", "load_teacher_export", "copy_tree", "latest_checkpoint_dir",
+           "STATE_FILE"]

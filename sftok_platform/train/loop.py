@@ -1,0 +1,391 @@
+"""``train_loop_per_worker``: the one training loop every stage runs inside a Ray Train worker.
+
+What a stage trains (models, losses, the discriminator) comes from :mod:`sftok_platform.train.stages`;
+this file is the machinery around it, the same for every stage:
+
+* DDP through ``ray.train.torch.prepare_model`` (gloo on CPU, NCCL on GPU), AdamW with the official
+  no-decay groups, warm-up + cosine LR per optimiser update, grad clip, EMA, autocast (bf16 on GPU by
+  default, fp16 + GradScaler when asked, fp32 on CPU) and gradient accumulation. The global batch is a
+  property of the stage: each worker draws ``global_batch_size / (workers * grad_accum)`` images per
+  micro-batch, so changing the worker count does not change the optimisation.
+* Every rank calls ``ray.train.report`` on the same steps (a barrier, PLATFORM.md P7); only rank 0 passes
+  the checkpoint (model, EMA, optimizer, scaler, discriminator + its optimizer, step, all ranks' RNG states,
+  resolved config). A restarted worker group, or a rerun of the same run name, continues from
+  ``ray.train.get_checkpoint()`` with the same optimizer state and step. The data position is not restored
+  (no mid-epoch resume in OSS Ray 2.60): the shuffle is reseeded instead, as 1d-tokenizer does.
+* Curves go to MLflow from rank 0 (all-reduced over ranks): Ray V2 keeps only metrics attached to
+  checkpoints (P3). Rank 0 also prints one progress line per ``train.log_every`` steps.
+* At the last step rank 0 writes the stage export (EMA weights) that the next stage loads, logs image grids
+  and computes a validation metric that goes into the final report (Tune reads it from there).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+
+from sftok.config import Config, load_config
+from sftok.ema import EMA
+from sftok.optim import build_optimizer, lr_at, set_lr
+from sftok_platform.tracking import StageLogger
+from sftok_platform.train import checkpointing as ckpt
+from sftok_platform.train.stages import StageParts, build_stage
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild the resolved :class:`Config` shipped to the workers as a plain dict."""
+    return load_config(None, overrides=d, validate=False)
+
+
+# ######################################################################################################
+# Small helpers
+# ######################################################################################################
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype (None = fp32). ``auto``: bf16 on GPU, fp32 on CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a GPU (GradScaler); use fp32 or bf16 on CPU.")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def image_batches(shard, micro_batch: int, seed: int, device: torch.device,
+                  first_epoch: int = 0) -> Iterator[torch.Tensor]:
+    """Endless micro-batches of images from a Ray Data shard, one reshuffled pass per epoch.
+
+    ``iter_torch_batches`` is one-shot, so it is called again each epoch (PLATFORM.md 1.1). ``drop_last``
+    keeps every rank on the same number of batches (uneven batches deadlock the all-reduce, P9). A resumed
+    stage starts at a different ``first_epoch`` so its local shuffle differs from the first attempt's.
+    """
+    from sftok_platform.data import iter_train_batches
+    epoch = first_epoch
+    while True:
+        n = 0
+        for batch in iter_train_batches(shard, micro_batch, epoch=epoch, seed=seed, device=device,
+                                        shuffle_buffer=max(4 * micro_batch, 64)):
+            n += 1
+            yield batch["image"]
+        if n == 0:
+            raise RuntimeError(f"the train split of this worker has fewer than {micro_batch} images (one "
+                               "micro-batch); use more data, fewer workers or a smaller global batch.")
+        epoch += 1
+
+
+def dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Average scalar metrics over ranks (every rank must call this with the same keys)."""
+    if not values or not dist_ready() or torch.distributed.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    t /= torch.distributed.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    if dist_ready() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t)
+    return t
+
+
+def all_reduce_max(x: float, device: torch.device) -> float:
+    if not dist_ready() or torch.distributed.get_world_size() == 1:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
+    """Usage (fraction of codes hit) and perplexity (exp entropy) of an all-reduced code histogram."""
+    total = counts.sum().clamp_min(1)
+    p = counts.double() / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).double().mean()), "codebook_perplexity": float(entropy.exp())}
+
+
+def memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:
+        return 0.0
+
+
+def fmt_eta(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def maybe_fail(debug: Optional[dict], step: int, rank: int) -> None:
+    """Fault injection for the resume tests: fail after step k on one rank, once if a marker file is given."""
+    if not debug or step != debug.get("fail_after_step") or rank != debug.get("fail_rank", 0):
+        return
+    marker = debug.get("marker")
+    if marker:
+        if Path(marker).exists():
+            return
+        Path(marker).write_text(f"failed after step {step} on rank {rank}\n")
+    print(f"[fault injection] rank {rank} fails after step {step} ({debug.get('how', 'raise')})", flush=True)
+    if debug.get("how") == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected failure after step {step} on rank {rank}")
+
+
+# ######################################################################################################
+# The loop
+# ######################################################################################################
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point. ``config`` (``train_loop_config``): ``cfg`` (resolved config dict), ``stage``,
+    ``run_dir``, ``inputs`` (paths of the teacher / init weights), ``tracking`` (uri, run_id,
+    system_metrics) and optionally ``debug`` (fault injection for tests)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = config_from_dict(config["cfg"])
+    stage = config["stage"]
+    st = getattr(cfg, stage)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    paths = ckpt.StagePaths(Path(config["run_dir"]), stage)
+    total = st.steps
+    accum = st.grad_accum
+    micro = st.global_batch_size // (world * accum)
+    if micro * world * accum != st.global_batch_size:
+        raise ValueError(f"{stage}.global_batch_size={st.global_batch_size} is not divisible by workers x "
+                         f"grad_accum = {world} x {accum}.")
+    seed_everything(cfg.train.seed + 1000 * rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True   # official: TF32 on
+        torch.backends.cudnn.allow_tf32 = True
+
+    parts: StageParts = build_stage(stage, cfg, config["inputs"], device)
+    model = parts.model
+    optimizer = build_optimizer(model, st)
+    ema = EMA(model, cfg.train.ema_decay)
+    amp_dtype = autocast_dtype(cfg.train.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    # ---------------------------------------------------------------- resume
+    start_step, resumed_fp = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = ckpt.load_state(d, map_location=device)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        parts.load_aux_state(state.get("aux", {}))
+        start_step = int(state["step"])
+        resumed_fp = ckpt.optimizer_fingerprint(state["optimizer"])
+        rng = state.get("rng", [])
+        if len(rng) == world:
+            ckpt.restore_rng(rng[rank])
+        else:
+            seed_everything(cfg.train.seed + 1000 * rank + start_step)
+        del state
+
+    step_module = ray.train.torch.prepare_model(parts.step_module, move_to_device=False,
+                                                parallel_strategy="ddp" if world > 1 else None)
+    aux_module = None
+    if parts.aux_module is not None:
+        aux_module = ray.train.torch.prepare_model(parts.aux_module, move_to_device=False,
+                                                   parallel_strategy="ddp" if world > 1 else None)
+
+    log = StageLogger(config["tracking"]["uri"], config["tracking"].get("run_id"), enabled=rank == 0,
+                      system_metrics=config["tracking"].get("system_metrics", True))
+    if rank == 0:
+        ckpt.journal(paths, event="start", step=start_step, resumed=checkpoint is not None, world_size=world,
+                     micro_batch=micro, optimizer_fingerprint=resumed_fp)
+        what = f"resuming at step {start_step}" if checkpoint is not None else "starting"
+        print(f"[{stage}] {what}: {total} steps, global batch {st.global_batch_size} = {world} workers x "
+              f"{accum} accum x {micro} images, device {device.type}, precision "
+              f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}", flush=True)
+        log.tags({"ray.storage_path": config.get("ray_storage", ""), "sftok.world_size": world})
+
+    batches = image_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
+                            device, first_epoch=start_step)
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    debug = config.get("debug")
+    status = "FAILED"
+    try:
+        sums: dict[str, float] = {}
+        n_sum = 0
+        t_window, steps_window = time.perf_counter(), 0
+        t_start = time.perf_counter()
+        for step in range(start_step, total):
+            lr = lr_at(step, st)
+            set_lr(optimizer, lr)
+            step_module.train()
+            images = None
+            for i in range(accum):
+                images = next(batches)
+                sync = (step_module.no_sync() if (i < accum - 1 and hasattr(step_module, "no_sync"))
+                        else contextlib.nullcontext())
+                with sync:
+                    with autocast:
+                        loss, metrics = step_module(images, step)
+                    scaler.scale(loss / accum).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(parts.trainable_parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(model)
+            aux_metrics = parts.aux_step(aux_module, images, step) if aux_module is not None else {}
+            for k, v in aux_metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
+            n_sum += 1
+            steps_window += 1
+            done = step + 1
+            if rank == 0:
+                ckpt.journal(paths, step=done, loss=float(loss.detach()))
+
+            last = done == total
+            log_now = done % cfg.train.log_every == 0 or last
+            ckpt_now = done % cfg.train.checkpoint_every == 0 or last
+            report: dict = {}
+            if log_now:
+                metrics = all_reduce_mean({k: v / n_sum for k, v in sums.items()}, device)
+                counts = torch.zeros(parts.codebook_size, dtype=torch.float64, device=device)
+                with torch.no_grad():
+                    counts += torch.bincount(parts.codes(images).flatten(), minlength=parts.codebook_size)
+                metrics.update(codebook_stats(all_reduce_sum_(counts)))
+                elapsed = time.perf_counter() - t_window
+                ips = steps_window * st.global_batch_size / max(elapsed, 1e-9)
+                metrics.update(lr=lr, images_per_s=ips, epoch_step=done,
+                               memory_mb=all_reduce_max(memory_mb(device), device))
+                eta = (total - done) * elapsed / max(steps_window, 1)
+                if rank == 0:
+                    log.metrics(metrics, step=done)
+                    print(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f} "
+                          f"lr {lr:.2e} grad {metrics['grad_norm']:.2f} usage {metrics['codebook_usage']:.2f} "
+                          f"{ips:.1f} img/s ETA {fmt_eta(eta)}", flush=True)
+                report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
+                sums, n_sum = {}, 0
+                t_window, steps_window = time.perf_counter(), 0
+            if last:
+                report.update(_finish_stage(parts, ema, cfg, stage, paths, log, rank, device,
+                                            time.perf_counter() - t_start, done - start_step))
+            if ckpt_now:
+                _report_with_checkpoint(report, done, rank, world, model, ema, optimizer, scaler, parts, cfg)
+            elif log_now:
+                ray.train.report(report)
+            maybe_fail(debug, done, rank)
+        if start_step >= total:          # restarted after the last checkpoint: only (re)write the export
+            report = _finish_stage(parts, ema, cfg, stage, paths, log, rank, device, 0.0, 0)
+            ray.train.report(report)
+        status = "FINISHED"
+    finally:
+        log.close(status)
+
+
+def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, model, ema, optimizer, scaler,
+                            parts: StageParts, cfg: Config) -> None:
+    """Every rank reports; rank 0 attaches the full training state as ``step_<n>``."""
+    import ray.train
+    rng = ckpt.capture_rng()
+    if dist_ready() and world > 1:
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rng)
+        rng_all = gathered
+    else:
+        rng_all = [rng]
+    metrics = {"step": step, **metrics}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "aux": parts.aux_state(),
+             "rng": rng_all, "config": cfg.to_yaml()}
+    with tempfile.TemporaryDirectory(prefix="sftok-ckpt-") as d:
+        ckpt.save_state(d, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"step_{step:07d}")
+
+
+def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: ckpt.StagePaths,
+                  log: StageLogger, rank: int, device: torch.device, seconds: float, steps: int) -> dict:
+    """Rank 0: export the EMA weights, log image grids and compute the validation metrics.
+
+    Returns the metrics for the final report (``val_*``); other ranks return an empty dict and only wait
+    at the report barrier.
+    """
+    import json
+
+    import ray.train
+    if rank != 0:
+        return {}
+    ema_model = copy.deepcopy(parts.model)
+    ema.copy_to(ema_model)
+    ema_model.eval()
+    parts.export(ema_model, paths.export)
+    out: dict = {}
+    val = ray.train.get_dataset_shard("val")
+    limit = min(cfg.eval.max_images or 32, 32)     # a quick check; the full evaluation is sftok_platform.evaluate
+    sums: dict[str, float] = {}
+    n_img = 0
+    first = None
+    with torch.no_grad():
+        for batch in val.iter_torch_batches(batch_size=min(cfg.eval.batch_size, limit), device=device):
+            images = batch["image"].float()
+            if first is None:
+                first = images[:4]
+            for k, v in parts.val_metrics(ema_model, images).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * images.shape[0]
+            n_img += images.shape[0]
+            if n_img >= limit:
+                break
+        out = {f"val_{k}": v / max(n_img, 1) for k, v in sums.items()}
+        if first is not None:
+            rows, labels = parts.grid_rows(ema_model, first)
+            paths.images.mkdir(parents=True, exist_ok=True)
+            from sftok_platform.tracking import save_image_grid
+            save_image_grid(rows, labels, paths.images / f"{stage}_final.png")
+            log.image_grid(rows, labels, f"{stage}_recon", step=cfg_steps(cfg, stage))
+    if seconds > 0 and steps > 0:
+        out["stage_images_per_s"] = steps * getattr(cfg, stage).global_batch_size / seconds
+    out["val_images"] = float(n_img)
+    log.metrics(out, step=cfg_steps(cfg, stage))
+    log.artifact(paths.export, artifact_path="export")
+    (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))
+    print(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
+    return out
+
+
+def cfg_steps(cfg: Config, stage: str) -> int:
+    return int(getattr(cfg, stage).steps)
+
+
+__all__ = ["train_loop_per_worker", "config_from_dict", "autocast_dtype", "image_batches", "codebook_stats"]
