@@ -108,7 +108,10 @@ class SFTok(nn.Module):
         B, N, V = logits.shape
         side = self.decoder.grid_size
         feats = logits.softmax(dim=-1) @ self.pixel_quantize.embedding.weight.to(logits.dtype)   # [B, 256, C]
-        return self.pixel_decoder(feats.transpose(1, 2).reshape(B, -1, side, side))
+        feats = feats.transpose(1, 2).reshape(B, -1, side, side)
+        channels_last = self.pixel_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        return self.pixel_decoder(feats.contiguous(memory_format=layout))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, num_steps: int = 8, temperature: float = 1.0,
@@ -134,6 +137,13 @@ class SFTok(nn.Module):
         if self.cfg.pixel_head:
             return self.logits_to_image(result.logits)
         return teacher.decode_codes(result.ids)
+
+    def channels_last(self) -> "SFTok":
+        """Store the conv-heavy pixel decoder channels-last (faster oneDNN/cuDNN convs, same outputs up to
+        float rounding). ``logits_to_image`` already builds its 16x16 feature map in that layout."""
+        if self.cfg.pixel_head:
+            self.pixel_decoder.to(memory_format=torch.channels_last)
+        return self
 
     # ------------------------------------------------------------------ stage 3 helpers
     @torch.no_grad()
