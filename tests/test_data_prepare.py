@@ -291,3 +291,37 @@ def test_synthetic_set(ray_local, tmp_path):
     a, b = synthetic.render(0)[0].astype(float), synthetic.render(3)[0].astype(float)
     assert np.abs(a - b).mean() > 10
     assert prepare_synthetic(out, 30, num_val=10, shard_size=16, quiet=True) == m       # complete: no-op
+
+
+@pytest.mark.slow
+def test_resume_after_killed_process(prepared, imagenet, tmp_path):
+    """SIGKILL a real `prepare` process (its whole process group, Ray included) mid-run, then finish it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    ref_out, ref_manifest, expected = prepared
+    root, _ = imagenet
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "sftok_platform.data", "prepare", "--source", str(root), "--out", str(out),
+           "--shard-size", "5", "--wave-images", "5", "--num-cpus", "1", "--quiet"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            m = read_manifest(str(out)) if (out / "manifest.json").exists() else None
+            if m and sum(len(s["shards"]) for s in m["splits"].values()) >= 1:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = read_manifest(str(out))
+    assert partial is not None and not partial["complete"], "the prep finished before it could be killed"
+    manifest = prepare(root, out, shard_size=5, quiet=True)
+    for split in ("train", "val"):
+        paths = [r["path"] for r in _rows(out, manifest, split)]
+        assert len(paths) == len(set(paths)) == expected[split]
+        assert [s["sha256"] for s in manifest["splits"][split]["shards"]] == \
+               [s["sha256"] for s in ref_manifest["splits"][split]["shards"]]
