@@ -38,9 +38,22 @@ def connect(cfg: Optional[Config] = None, *, num_cpus: Optional[int] = None, qui
             cores = os.cpu_count() or 1
             want = (cfg.train.workers * cfg.train.cpus_per_worker) if cfg is not None else 0
             kwargs["num_cpus"] = num_cpus if num_cpus is not None else max(cores, want) + 2
-            kwargs["include_dashboard"] = True   # Train V2 cleans placement groups through the State API
+            # Train V2 cleans placement groups through the State API, which needs the dashboard. Its client
+            # finds the dashboard by auto-detection, which fails when other Ray instances run on the same
+            # machine ("Found multiple active Ray instances"): pin the port and tell every process.
+            port = free_port()
+            api = f"http://127.0.0.1:{port}"
+            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                          runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
         ray.init(address=address, **kwargs)
     return dict(ray.cluster_resources())
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def check_resources(cfg: Config, resources: Optional[dict] = None) -> None:
@@ -65,4 +78,4 @@ def check_resources(cfg: Config, resources: Optional[dict] = None) -> None:
             f"or train.cpus_per_worker, or connect to a bigger cluster (RAY_ADDRESS / ray job submit).")
 
 
-__all__ = ["ray_address", "connect", "check_resources"]
+__all__ = ["ray_address", "connect", "check_resources", "free_port"]

@@ -25,6 +25,7 @@ import copy
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,14 @@ def config_from_dict(d: dict) -> Config:
 # ######################################################################################################
 # Small helpers
 # ######################################################################################################
+
+def say(message: str) -> None:
+    """One progress line on the driver's terminal. Written to the worker's real stdout, which Ray forwards:
+    ``print`` is patched by Train V2 and would show each line twice once MLflow wraps ``sys.stdout``."""
+    out = sys.__stdout__ or sys.stdout
+    out.write(message + "\n")
+    out.flush()
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -150,7 +159,7 @@ def maybe_fail(debug: Optional[dict], step: int, rank: int) -> None:
         if Path(marker).exists():
             return
         Path(marker).write_text(f"failed after step {step} on rank {rank}\n")
-    print(f"[fault injection] rank {rank} fails after step {step} ({debug.get('how', 'raise')})", flush=True)
+    say(f"[fault injection] rank {rank} fails after step {step} ({debug.get('how', 'raise')})")
     if debug.get("how") == "exit":
         os._exit(1)
     raise RuntimeError(f"injected failure after step {step} on rank {rank}")
@@ -225,9 +234,9 @@ def train_loop_per_worker(config: dict) -> None:
         ckpt.journal(paths, event="start", step=start_step, resumed=checkpoint is not None, world_size=world,
                      micro_batch=micro, optimizer_fingerprint=resumed_fp)
         what = f"resuming at step {start_step}" if checkpoint is not None else "starting"
-        print(f"[{stage}] {what}: {total} steps, global batch {st.global_batch_size} = {world} workers x "
+        say(f"[{stage}] {what}: {total} steps, global batch {st.global_batch_size} = {world} workers x "
               f"{accum} accum x {micro} images, device {device.type}, precision "
-              f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}", flush=True)
+              f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}")
         log.tags({"ray.storage_path": config.get("ray_storage", ""), "sftok.world_size": world})
 
     batches = image_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
@@ -289,9 +298,9 @@ def train_loop_per_worker(config: dict) -> None:
                 eta = (total - done) * elapsed / max(steps_window, 1)
                 if rank == 0:
                     log.metrics(metrics, step=done)
-                    print(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f} "
-                          f"lr {lr:.2e} grad {metrics['grad_norm']:.2f} usage {metrics['codebook_usage']:.2f} "
-                          f"{ips:.1f} img/s ETA {fmt_eta(eta)}", flush=True)
+                    say(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f} "
+                        f"lr {lr:.2e} grad {metrics['grad_norm']:.2f} usage {metrics['codebook_usage']:.2f} "
+                        f"{ips:.1f} img/s ETA {fmt_eta(eta)}")
                 report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                 sums, n_sum = {}, 0
                 t_window, steps_window = time.perf_counter(), 0
@@ -380,7 +389,7 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
     log.metrics(out, step=cfg_steps(cfg, stage))
     log.artifact(paths.export, artifact_path="export")
     (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))
-    print(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()), flush=True)
+    say(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out
 
 

@@ -1,0 +1,91 @@
+"""Resume through real Ray Train (2.60, V2) on CPU: an interrupted stage continues at the step of its last
+checkpoint with the same optimizer state and no repeated steps, and a worker that dies mid-stage is
+replaced (FailureConfig) and training continues from the last checkpoint."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftok.config import load_config
+from sftok_platform import tracking
+from sftok_platform.train import checkpointing as ckpt
+from sftok_platform.train import run_stage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private local Ray, 40 synthetic 64px images and a random stage-0 teacher export."""
+    import ray
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    from sftok_platform.data import prepare_synthetic
+    root = tmp_path_factory.mktemp("resume")
+    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="warning")
+    shards = root / "shards"
+    prepare_synthetic(shards, 32, num_val=8, image_size=64, quiet=True)
+    torch.manual_seed(0)
+    teacher = root / "teacher"
+    ckpt.save_teacher(MaskGITVQGAN(32, 1024, 256), teacher, hidden_channels=32, codebook_size=1024, z_channels=256)
+    yield {"root": root, "shards": str(shards), "teacher": str(teacher)}
+    ray.shutdown()
+
+
+def stage1_config(env, name, *overrides):
+    return load_config("tiny", [
+        f"run.root={env['root']}", f"run.name={name}", f"data.path={env['shards']}", "stage1.steps=6",
+        "stage1.global_batch_size=4", "stage1.warmup_steps=2", "train.checkpoint_every=2", "train.log_every=2",
+        "eval.max_images=4", "eval.batch_size=4", "eval.steps=[1,2]", "tracking.system_metrics=false", *overrides])
+
+
+def steps_after_each_start(paths):
+    """Journal -> [(start step, resumed, fingerprint, [steps run after that start]), ...]."""
+    out = []
+    for e in ckpt.read_journal(paths):
+        if e.get("event") == "start":
+            out.append((e["step"], e["resumed"], e["optimizer_fingerprint"], []))
+        else:
+            out[-1][3].append(e["step"])
+    return out
+
+
+def test_interrupted_stage_continues_at_its_checkpoint(env):
+    cfg = stage1_config(env, "interrupt", "train.max_failures=0")
+    inputs = {"teacher": env["teacher"]}
+    with pytest.raises(Exception, match="injected failure after step 4"):
+        run_stage(cfg, "stage1", shards=env["shards"], inputs=inputs,
+                  debug={"fail_after_step": 4, "fail_rank": 0, "how": "raise"})
+    paths = ckpt.StagePaths(env["root"] / "interrupt", "stage1")
+    assert not ckpt.is_done(paths)
+    ray_dir = ckpt.storage_path(paths.run_dir) / ckpt.ray_run_name("interrupt", "stage1")
+    last = ckpt.latest_checkpoint_dir(ray_dir)
+    assert last.name == "step_0000004"
+    saved = ckpt.load_state(last)
+    assert saved["step"] == 4 and saved["ema"]["num_updates"] == 4
+    assert all(len(s) for s in saved["optimizer"]["state"].values())
+    fingerprint = ckpt.optimizer_fingerprint(saved["optimizer"])
+
+    result = run_stage(cfg, "stage1", shards=env["shards"], inputs=inputs)   # the same command again
+    attempts = steps_after_each_start(paths)
+    assert [(a[0], a[1]) for a in attempts] == [(0, False), (4, True)]
+    assert attempts[1][2] == pytest.approx(fingerprint), "resumed with a different optimizer state"
+    assert attempts[0][3] == [1, 2, 3, 4] and attempts[1][3] == [5, 6], "steps repeated or skipped"
+    assert ckpt.is_done(paths) and result.metrics["val_loss"] > 0
+    assert ckpt.load_state(ckpt.latest_checkpoint_dir(ray_dir))["step"] == 6
+    # one MLflow child run across both attempts, its loss curve without repeated steps
+    history = tracking.client(cfg).get_metric_history(result.run_id, "loss")
+    assert sorted(m.step for m in history) == [2, 4, 6]
+    # a finished stage is skipped by the next rerun
+    assert run_stage(cfg, "stage1", shards=env["shards"], inputs=inputs).skipped
+
+
+def test_dead_worker_is_replaced_and_training_continues(env):
+    cfg = stage1_config(env, "dead-worker", "train.workers=2", "train.max_failures=1", "stage1.steps=5")
+    marker = env["root"] / "killed-once"
+    result = run_stage(cfg, "stage1", shards=env["shards"], inputs={"teacher": env["teacher"]},
+                       debug={"fail_after_step": 3, "fail_rank": 1, "how": "exit", "marker": str(marker)})
+    assert marker.is_file(), "the fault was not injected"
+    attempts = steps_after_each_start(ckpt.StagePaths(env["root"] / "dead-worker", "stage1"))
+    assert [(a[0], a[1]) for a in attempts] == [(0, False), (2, True)], attempts
+    assert attempts[0][3][:3] == [1, 2, 3] and attempts[1][3] == [3, 4, 5]
+    assert result.metrics["val_loss"] > 0 and result.ray_checkpoint.endswith("step_0000005")

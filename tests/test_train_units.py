@@ -1,0 +1,242 @@
+"""Fast checks of the training platform pieces that need neither a Ray cluster nor minutes of training:
+the safe checkpoint format, the run layout, MLflow tracking (real sqlite store), configuration checks that
+must fail before any work, the CLI, and one optimisation step of every stage on CPU."""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sftok.config import ConfigError, load_config
+from sftok_platform import tracking
+from sftok_platform.cluster import check_resources
+from sftok_platform.train import checkpointing as ckpt
+from sftok_platform.train.loop import autocast_dtype, codebook_stats, config_from_dict
+from sftok_platform.train.pipeline import check_same_run, preflight, stage_inputs, summary_table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny(tmp_path, *overrides):
+    return load_config("tiny", [f"run.root={tmp_path}", "run.name=t", *overrides])
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+def test_state_roundtrip_is_weights_only_and_restores_rng(tmp_path):
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    rng = ckpt.capture_rng()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    ckpt.save_state(tmp_path, {"step": 7, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "rng": [rng], "config": "a: 1\n"})
+    state = ckpt.load_state(tmp_path)            # weights_only=True inside
+    assert state["step"] == 7 and state["config"] == "a: 1\n"
+    assert ckpt.optimizer_fingerprint(state["optimizer"]) == pytest.approx(ckpt.optimizer_fingerprint(opt.state_dict()))
+    assert ckpt.optimizer_fingerprint(state["optimizer"]) > 0
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    ckpt.restore_rng(state["rng"][0])
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+def test_stage_layout_done_marker_and_journal(tmp_path):
+    paths = ckpt.StagePaths(tmp_path, "stage1")
+    assert not ckpt.is_done(paths)
+    ckpt.journal(paths, step=1, loss=2.0)
+    ckpt.journal(paths, step=2, loss=1.5)
+    assert [e["step"] for e in ckpt.read_journal(paths)] == [1, 2]
+    ckpt.mark_done(paths, {"metrics": {"val_loss": 1.0}})
+    assert not ckpt.is_done(paths), "a marker without the export is not a finished stage"
+    paths.export.mkdir(parents=True)
+    assert ckpt.is_done(paths) and ckpt.read_done(paths)["metrics"]["val_loss"] == 1.0
+    assert ckpt.ray_run_name("exp", "stage2") == "exp-stage2"
+
+
+def test_teacher_export_loads_strictly(tmp_path):
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    cfg = tiny(tmp_path)
+    t = MaskGITVQGAN(cfg.teacher.hidden_channels, cfg.teacher.codebook_size, cfg.teacher.z_channels)
+    ckpt.save_teacher(t, tmp_path / "exp", hidden_channels=32, codebook_size=1024, z_channels=256)
+    loaded = ckpt.load_teacher_export(tmp_path / "exp", cfg)
+    for (k, a), (_, b) in zip(t.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert not any(p.requires_grad for p in loaded.parameters())
+
+
+def test_codebook_stats():
+    counts = torch.tensor([4.0, 4.0, 0.0, 0.0])
+    s = codebook_stats(counts)
+    assert s["codebook_usage"] == 0.5 and s["codebook_perplexity"] == pytest.approx(2.0)
+
+
+def test_autocast_choice():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("bf16", cpu) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        autocast_dtype("fp16", cpu)
+
+
+def test_config_survives_the_trip_to_the_workers(tmp_path):
+    cfg = tiny(tmp_path, "stage2.replace_prob=0.5", "eval.steps=[1,8]")
+    back = config_from_dict(cfg.to_dict())
+    assert back == cfg
+
+
+# ------------------------------------------------------------------------------------------- tracking
+
+def test_parent_child_runs_resume_by_tags_and_register(tmp_path):
+    cfg = tiny(tmp_path)
+    assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/mlflow.db"
+    parent = tracking.start_parent_run(cfg)
+    child = tracking.start_child_run(cfg, "stage1", parent)
+    assert tracking.start_parent_run(cfg) == parent, "a rerun must continue the same parent run"
+    assert tracking.start_child_run(cfg, "stage1", parent) == child
+    other = tracking.start_child_run(cfg, "stage2", parent)
+    assert other != child
+    c = tracking.client(cfg)
+    run = c.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.params["stage1.lr"] == str(cfg.stage1.lr) and "stage2.lr" not in run.data.params
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    version, uri = tracking.register_model(cfg, parent, export, tags={"stage": "stage3"})
+    mv = c.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+    assert str(mv.version) == version and mv.run_id == parent and uri.endswith("@current")
+    assert (Path(mv.source) / "config.json").is_file()
+    with pytest.raises(ConfigError, match="reserved"):
+        tracking.check_alias("latest")
+
+
+def test_file_store_uri_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="file stores"):
+        tracking.tracking_uri(tiny(tmp_path, "tracking.uri=file:///tmp/mlruns"))
+
+
+# ------------------------------------------------------------------------------------------- checks before work
+
+def test_stage3_without_stage2_fails_with_a_fix(tmp_path):
+    cfg = tiny(tmp_path, "run.stages=[stage3]", "teacher.weights=random_missing.bin")
+    with pytest.raises(ConfigError, match="teacher.weights"):
+        preflight(cfg, ["stage3"])
+    cfg = tiny(tmp_path, "run.stages=[stage0,stage3]")
+    with pytest.raises(ConfigError, match=r"stage3 starts from the stage2 EMA weights.*--stages stage2,stage3"):
+        preflight(cfg, ["stage0", "stage3"])
+    preflight(tiny(tmp_path), ["stage0", "stage1", "stage2", "stage3"])   # the full schedule plans everything
+
+
+def test_missing_external_weights_fail_before_any_work(tmp_path):
+    cfg = load_config("b64", [f"run.root={tmp_path}", "teacher.weights="])
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg, ["stage0", "stage1", "stage2", "stage3"])
+    for key in ("losses.vgg16_weights", "losses.lpips_heads", "losses.dino_weights"):
+        assert key in str(e.value)
+    cfg = load_config("b64", [f"run.root={tmp_path}", f"teacher.weights={tmp_path}/nope.bin"])
+    with pytest.raises(ConfigError, match="nope.bin"):
+        stage_inputs(cfg, "stage1", tmp_path)
+
+
+def test_data_path_without_manifest(tmp_path):
+    (tmp_path / "shards").mkdir()
+    with pytest.raises(ConfigError, match="manifest.json"):
+        preflight(tiny(tmp_path, f"data.path={tmp_path}/shards"), ["stage0"])
+
+
+def test_more_workers_or_gpus_than_the_cluster(tmp_path):
+    with pytest.raises(ConfigError, match="needs 16 CPUs.*--workers 4"):
+        check_resources(load_config("tiny", ["train.workers=16"], validate=False), {"CPU": 4.0})
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        check_resources(tiny(tmp_path, "train.workers=2", "train.gpu=true"), {"CPU": 8.0, "GPU": 1.0})
+    check_resources(tiny(tmp_path, "train.workers=2"), {"CPU": 2.0})
+
+
+def test_global_batch_must_divide(tmp_path):
+    with pytest.raises(ConfigError, match="not divisible"):
+        tiny(tmp_path, "train.workers=3")
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path):
+    cfg = tiny(tmp_path)
+    rdir = tmp_path / "t"
+    cfg.save(rdir / "config.yaml")
+    check_same_run(tiny(tmp_path, "train.workers=2"), rdir)          # scaling may change on resume
+    with pytest.raises(ConfigError, match=r"stage1.lr.*--run-name"):
+        check_same_run(tiny(tmp_path, "stage1.lr=0.1"), rdir)
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+def test_cli_flags_and_overrides(tmp_path):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import full_pipeline
+    finally:
+        sys.path.pop(0)
+    args = full_pipeline.build_parser().parse_args(
+        ["--root", str(tmp_path), "--workers", "2", "--stages", "stage1,stage2", "--set", "stage2.replace_prob=0.5",
+         "stage1.steps=3"])
+    cfg = full_pipeline.config_from_args(args)
+    assert cfg.run.name == "tiny" and cfg.train.workers == 2 and cfg.run.stages == ["stage1", "stage2"]
+    assert cfg.stage2.replace_prob == 0.5 and cfg.stage1.steps == 3 and cfg.run.root == str(tmp_path)
+    args = full_pipeline.build_parser().parse_args(["--preset", "b64", "--gpu", "--run-name", "try2"])
+    cfg = full_pipeline.config_from_args(args)
+    assert cfg.run.name == "try2" and cfg.train.gpu and cfg.model.encoder_size == "base"
+    assert full_pipeline.main(["--root", str(tmp_path), "stage1.bogus=1"]) == 2
+
+
+def test_summary_table_lists_every_stage():
+    from sftok_platform.train.pipeline import PipelineResult, StageResult
+    res = PipelineResult("r", "/x", {"stage1": StageResult("stage1", "/x/e", {"val_loss": 1.5}, seconds=3)},
+                         {"rfid": 12.0}, "p", "1", "models:/sftok@current", "sqlite:////x", 10.0)
+    text = summary_table(res)
+    assert "stage1" in text and "1.5" in text and "rfid" in text
+
+
+# ------------------------------------------------------------------------------------------- one step per stage
+
+@pytest.mark.parametrize("stage", ["stage0", "stage1", "stage2", "stage3"])
+def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
+    """The stage builders on CPU without Ray: loss is finite, the trained parameters move, frozen ones don't."""
+    from sftok.checkpoint import save_model
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    from sftok.model import SFTok
+    import dataclasses
+    from sftok_platform.train.stages import build_stage
+    torch.manual_seed(0)
+    cfg = tiny(tmp_path, "losses.discriminator_start=0")
+    t = MaskGITVQGAN(32, 1024, 256)
+    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=32, codebook_size=1024, z_channels=256)
+    save_model(SFTok(dataclasses.replace(cfg.model, pixel_head=False)), tmp_path / "init")
+    inputs = {"teacher": str(tmp_path / "teacher"), "init": str(tmp_path / "init")}
+    parts = build_stage(stage, cfg, inputs, torch.device("cpu"))
+    before = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    opt = torch.optim.AdamW(parts.trainable_parameters(), lr=1e-2)
+    images = torch.rand(4, 3, 64, 64)
+    loss, metrics = parts.step_module(images, 0)
+    assert torch.isfinite(loss) and "loss" in metrics
+    loss.backward()
+    opt.step()
+    if parts.aux_module is not None:                 # stage 3: the discriminator step trains D's heads
+        d_before = {k: v.clone() for k, v in parts.aux_module.state_dict().items()}
+        d_metrics = parts.aux_step(parts.aux_module, images, 0)
+        assert np.isfinite(d_metrics["d_loss"])
+        assert any(not torch.equal(d_before[k], v) for k, v in parts.aux_module.state_dict().items())
+        assert set(parts.aux_state()) >= {"discriminator", "d_optimizer", "lecam"}
+    after = parts.model.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert moved
+    if stage == "stage3":
+        assert not any(k.startswith(("encoder.", "quantize.", "latent_tokens")) for k in moved)
+        assert any(k.startswith("pixel_decoder.") for k in moved)
+    assert parts.codes(images).max() < parts.codebook_size
+    parts.export(parts.model, tmp_path / "out")
+    assert any((tmp_path / "out").iterdir())
