@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+from ray.tune.search.optuna import OptunaSearch
 
 from sftok.config import Config, ConfigError, apply_override
 from sftok_platform import tracking
@@ -182,6 +185,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     cfg = ctx.config(overrides)
     uri = tracking.tracking_uri(cfg)
     own_warmup = ctx.kind == "search" and cfg.stage1.steps > 0
+    objective_key = reporting.objective(cfg)[0] if ctx.kind == "search" else ""
     warm = own_warmup if ctx.kind == "search" else bool(params.get("warmup", True))
     logged = {**params, "trial_key": key, "warmup": warm, "stage1.steps": cfg.stage1.steps if warm else 0,
               "stage2.steps": cfg.stage2.steps, "stage2.replace_prob": cfg.stage2.replace_prob,
@@ -192,7 +196,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     try:
         if own_warmup:
             s1 = run_stage(cfg, "stage1", shards=ctx.shards, parent_run_id=run_id, inputs={"teacher": ctx.teacher},
-                           callbacks=[runs.SweepReporter("stage1", 0, uri, run_id)], debug=ctx.debug)
+                           callbacks=[runs.SweepReporter("stage1", 0, uri, run_id, objective_key)], debug=ctx.debug)
             init, offset = s1.checkpoint_dir, cfg.stage1.steps
         elif warm:
             init, offset = ctx.stage1_export, base.stage1.steps
@@ -200,11 +204,14 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
             init = ctx.scratch_init
         s2 = run_stage(cfg, "stage2", shards=ctx.shards, parent_run_id=run_id,
                        inputs={"teacher": ctx.teacher, "init": init},
-                       callbacks=[runs.SweepReporter("stage2", offset, uri, run_id)], debug=ctx.debug)
+                       callbacks=[runs.SweepReporter("stage2", offset, uri, run_id, objective_key)], debug=ctx.debug)
         final = {k: float(v) for k, v in s2.metrics.items() if isinstance(v, (int, float))}
         if ctx.evaluation == "full":
-            final.update(evaluate_export(s2.checkpoint_dir, ctx, cfg, list(ctx.eval_steps or cfg.eval.steps)))
+            final.update(evaluate_export(s2.checkpoint_dir, ctx, cfg, list(ctx.eval_steps or cfg.eval.steps),
+                                         use_ray=True))
         final.update(sweep_step=offset + cfg.stage2.steps, trial_done=1.0)
+        if objective_key:
+            final["objective"] = final.get(objective_key, float("nan"))
         runs.log_metrics(uri, run_id, final, step=final["sweep_step"])
         tracking.client(uri).set_tag(run_id, "sftok.export", s2.checkpoint_dir)
     except BaseException:
@@ -239,12 +246,15 @@ def eval_trial(config: dict, ctx: SweepContext) -> None:
 # Evaluation of one export
 # ######################################################################################################
 
-def evaluate_export(export: str, ctx: SweepContext, cfg: Config, steps: list[int]) -> dict[str, float]:
+def evaluate_export(export: str, ctx: SweepContext, cfg: Config, steps: list[int], *,
+                    use_ray: bool = False) -> dict[str, float]:
     """Reconstruction figures of ``export`` at each decoding step count, as ``<metric>_<n>step``.
 
-    Uses the evaluation module (``sftok_platform.evaluate.evaluate_checkpoint``: rFID with the Inception
-    weights of ``eval.inception_weights``, IS, PSNR, SSIM, LPIPS, codebook statistics) when it is installed;
-    otherwise the small built-in fallback below (PSNR and token accuracy against the teacher codes).
+    Reuses the evaluation module (``sftok_platform.evaluate.evaluate_checkpoint``: rFID, IS, PSNR, SSIM,
+    LPIPS, codebook usage/entropy; rFID is comparable to papers only with ``eval.inception_weights`` set,
+    which ``eval_inception_real`` records). ``use_ray=False`` evaluates in this process (decode-steps
+    trials are sized for it); ``True`` uses its Ray Data actor pool (training trials, whose driver holds
+    almost no CPU). Without the module: a small fallback (PSNR and token accuracy against the teacher).
     """
     from sftok.checkpoint import read_model_config
     from sftok_platform.train import checkpointing as ckpt
@@ -258,7 +268,8 @@ def evaluate_export(export: str, ctx: SweepContext, cfg: Config, steps: list[int
         from sftok_platform.evaluate import evaluate_checkpoint
     except ImportError:
         return _fallback_eval(export, teacher, ctx.shards, cfg, steps)
-    out = evaluate_checkpoint(export, ctx.shards, cfg, steps=steps, teacher=teacher, use_ray=False)
+    out = evaluate_checkpoint(export, ctx.shards, cfg, steps=steps, teacher=teacher, use_ray=use_ray,
+                              cpus_per_actor=1.0)
     return reporting.flatten_eval(out)
 
 
@@ -317,7 +328,7 @@ def _sweep_dir(cfg: Config, name: str) -> Path:
 
 def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: bool = False,
               ratios=None, warmup=(True, False), seeds=(0,), steps=None, checkpoint: str = "",
-              teacher: str = "", trials: int = 16, fixed: Optional[dict] = None,
+              teacher: str = "", trials: int = 16, fixed: Optional[dict] = None, ranges: Optional[dict] = None,
               concurrency: Optional[int] = None, driver_cpus: float = 0.25, eval_cpus: float = 1.0,
               eval_gpus: float = 0.0, evaluation: str = "val", asha: bool = True, grace_steps: Optional[int] = None,
               optuna_seed: int = 0, points_to_evaluate: Optional[list] = None, debug: Optional[dict] = None,
@@ -369,9 +380,9 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
         description = {"kind": kind, "ratios": list(ratios or (0.0, 0.5, 0.8, 1.0)), "warmup": list(warmup),
                        "seeds": list(seeds), "stage1.steps": base.stage1.steps, "stage2.steps": base.stage2.steps}
     else:
-        space = search_space(fixed)
+        space = search_space(fixed, ranges)
         description = {"kind": kind, "trials": trials, "budget": base.stage1.steps + base.stage2.steps,
-                       "fixed": json.dumps(fixed or {}), "asha": asha}
+                       "fixed": json.dumps(fixed or {}), "ranges": json.dumps(ranges or {}), "asha": asha}
     parent = runs.start_sweep_run(base, name, kind, description)
     from sftok_platform.data import ensure_dataset
     shards = ensure_dataset(base)
@@ -396,6 +407,10 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
             fits = _fits(resources, {"cpu": driver_cpus + t.workers * t.cpus_per_worker,
                                      **({"gpu": t.workers} if t.gpu else {})}, spare_cpus=1)
         max_concurrent = concurrency or fits
+        if kind == "search":
+            # Intermediate results carry training figures (ASHA's "loss"), the final one the validation
+            # figures (Optuna's objective); Tune's strict check wants every metric in every result.
+            os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
         echo(f"[sweep] {name}: {kind}, up to {max_concurrent} trial(s) at once, resources per trial "
              f"{per_trial} + Train workers {t.workers} x {t.cpus_per_worker} CPU{' + GPU' if t.gpu else ''}"
              if kind != "decode-steps" else
@@ -432,13 +447,12 @@ def _tune_config(kind: str, base: Config, trials: int, max_concurrent: int, asha
     if kind != "search":
         return tune.TuneConfig(max_concurrent_trials=max_concurrent, num_samples=1)
     from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
     budget = base.stage1.steps + base.stage2.steps
     # Optuna learns from the final validation figure (multi-step PSNR); ASHA compares the training loss at
     # equal sweep_step (trials stopped early have no final figure and count as pruned in Optuna). Caveat:
     # SFVR makes the training task harder, so ASHA's training-loss cut is biased towards low replace_prob.
-    metric, mode = reporting.objective(base)
-    searcher = OptunaSearch(metric=metric, mode=mode, seed=optuna_seed, points_to_evaluate=points or None)
+    _, mode = reporting.objective(base)
+    searcher = _OptunaSearch(metric="objective", mode=mode, seed=optuna_seed, points_to_evaluate=points or None)
     scheduler = None
     if asha:
         grace = grace_steps or max(1, budget // 4)
@@ -446,6 +460,16 @@ def _tune_config(kind: str, base: Config, trials: int, max_concurrent: int, asha
                                   grace_period=grace, reduction_factor=2, stop_last_trials=False)
     return tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=trials,
                            max_concurrent_trials=max_concurrent)
+
+
+class _OptunaSearch(OptunaSearch):
+    """Tells Optuna "pruned" (instead of a NaN value) for trials that ended without the objective, i.e. the
+    ones ASHA stopped before their validation figure existed."""
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        if result and isinstance(result.get(self.metric), float) and math.isnan(result[self.metric]):
+            result = {k: v for k, v in result.items() if k != self.metric}
+        super().on_trial_complete(trial_id, result, error)
 
 
 def _fits(resources: dict, per_trial: dict, spare_cpus: float = 0.0) -> int:

@@ -52,7 +52,12 @@ def flatten_eval(out: Any) -> dict[str, float]:
     def step_of(k: Any) -> int:
         return int(re.match(r"\d+", str(k)).group())
 
-    if isinstance(out, dict) and isinstance(out.get("steps"), dict):
+    if isinstance(out, dict) and isinstance(out.get("steps"), dict):    # sftok_platform.evaluate's layout
+        for k in ("codebook_usage", "codebook_entropy", "num_images"):
+            add(k, None, out.get(k))
+        inception = out.get("inception")
+        if isinstance(inception, dict) and "paper_comparable" in inception:
+            flat["eval_inception_real"] = float(bool(inception["paper_comparable"]))
         out = out["steps"]
     for k, v in (out or {}).items():
         if isinstance(v, dict):
@@ -98,8 +103,8 @@ def collect_rows(grid, kind: str, *, budget: int = 0) -> list[dict]:
 
 def _is_metric_key(k: str) -> bool:
     return (k.startswith("val_") or k.endswith("step") and re.search(r"_\d+step$", k) is not None
-            or k in ("rfid", "psnr", "ssim", "lpips", "inception_score", "accuracy", "eval_seconds",
-                     "codebook_usage", "codebook_entropy"))
+            or k in ("rfid", "is", "psnr", "psnr_y", "ssim", "lpips", "inception_score", "accuracy", "eval_seconds",
+                     "codebook_usage", "codebook_entropy", "eval_inception_real", "num_images"))
 
 
 # ######################################################################################################
@@ -120,16 +125,20 @@ def metric_columns(rows: list[dict]) -> list[tuple[str, str, bool]]:
     """``(key, header, higher_is_better)`` of the figures the table shows, best source first."""
     cols: list[tuple[str, str, bool]] = []
     if any("steps" in r for r in rows):          # decode-steps: the figures carry no step suffix
-        for stem in ("rfid", "inception_score", "psnr", "ssim", "lpips", "accuracy"):
+        for stem in ("rfid", "is", "inception_score", "psnr", "ssim", "lpips", "accuracy"):
             if any(stem in r for r in rows):
                 label, hib = METRICS[stem]
-                cols.append((stem, label + (" (eval module)" if stem == "rfid" else ""), hib))
+                real = all(r.get("eval_inception_real", 1.0) == 1.0 for r in rows)
+                note = "" if stem != "rfid" or real else " (random Inception: not comparable)"
+                cols.append((stem, label + note, hib))
         return cols
     rfid_steps = _steps_in(rows, "rfid")
     if rfid_steps:
         n = max(rfid_steps)
-        cols.append((f"rfid_{n}step", f"rFID@{n} (eval module)", False))
-        for stem in ("inception_score", "psnr", "ssim", "lpips"):
+        real = all(r.get("eval_inception_real", 1.0) == 1.0 for r in rows)
+        cols.append((f"rfid_{n}step", f"rFID@{n}" + ("" if real else " (random Inception: not comparable)"),
+                     False))
+        for stem in ("is", "inception_score", "psnr", "ssim", "lpips"):
             if any(f"{stem}_{n}step" in r for r in rows):
                 label, hib = METRICS[stem]
                 cols.append((f"{stem}_{n}step", f"{label}@{n}", hib))
@@ -202,7 +211,7 @@ def steps_table(rows: list[dict]) -> Optional[tuple[list[str], list[list[str]]]]
     steps = [r.get("steps") for r in rows if r.get("steps") is not None]
     if not steps:
         return None
-    metrics = [k for k in ("rfid", "inception_score", "psnr", "ssim", "lpips", "accuracy")
+    metrics = [k for k in ("rfid", "is", "inception_score", "psnr", "ssim", "lpips", "accuracy")
                if any(k in r for r in rows)]
     header = ["steps", *[str(s) for s in steps]]
     body = []

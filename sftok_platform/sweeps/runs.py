@@ -108,19 +108,23 @@ class SweepReporter(TuneReportCallback):
     numbers as curves of the trial's MLflow run.
 
     ``sweep_step`` (= steps of earlier stages of the trial + this stage's step) is ASHA's time attribute,
+    ``objective`` (search sweeps) is Optuna's metric: NaN until the stage-2 validation figure exists.
     so trials that split their budget differently between stages are compared at equal compute. The
     callback runs in the Train controller, once per ``ray.train.report`` (every ``train.log_every`` steps);
     it must be built inside the Tune trial (the parent class grabs the trial's result queue).
     """
 
-    def __init__(self, stage: str, step_offset: int, uri: str, trial_run_id: str):
+    def __init__(self, stage: str, step_offset: int, uri: str, trial_run_id: str, objective_key: str = ""):
         super().__init__()
         self.stage, self.offset, self.uri, self.run_id = stage, int(step_offset), uri, trial_run_id
+        self.objective_key = objective_key
 
     def after_report(self, run_context, metrics, checkpoint):
         m = dict(metrics[0]) if metrics else {}
         step = self.offset + int(m.get("step", 0))
         m.update(sweep_step=step, stage=self.stage)
+        if self.objective_key:      # OptunaSearch reads its metric from every result: NaN until it exists
+            m["objective"] = float(m.get(self.objective_key, float("nan"))) if self.stage == "stage2" else float("nan")
         try:
             log_metrics(self.uri, self.run_id, {k: v for k, v in m.items() if k != "step"}, step)
         except Exception as e:          # a tracking hiccup must not kill the training run

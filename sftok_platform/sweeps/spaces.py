@@ -64,18 +64,27 @@ def decode_steps_space(steps: Sequence[int] = DECODE_STEPS) -> dict:
     return {"steps": tune.grid_search(steps)}
 
 
-def search_space(fixed: Optional[dict] = None) -> dict:
-    """Optuna space over the continuous knobs; ``fixed`` pins some of them (e.g. ``{"stage1_fraction": 0}``)."""
+def search_space(fixed: Optional[dict] = None, ranges: Optional[dict] = None) -> dict:
+    """Optuna space over the continuous knobs.
+
+    ``fixed`` pins knobs (e.g. ``{"stage1_fraction": 0}``); ``ranges`` replaces the default ``(low, high)``
+    of a knob (``SEARCH_RANGES``).
+    """
     from ray import tune
     fixed = dict(fixed or {})
-    unknown = set(fixed) - set(SEARCH_RANGES) - {"seed"}
+    bounds = {**SEARCH_RANGES, **{k: tuple(v) for k, v in (ranges or {}).items()}}
+    unknown = (set(fixed) - {"seed"} | set(ranges or {})) - set(SEARCH_RANGES)
     if unknown:
-        raise ConfigError(f"cannot fix {sorted(unknown)}: the search varies {', '.join(SEARCH_RANGES)} (and seed).")
+        raise ConfigError(f"unknown knob(s) {sorted(unknown)}: the search varies {', '.join(SEARCH_RANGES)} "
+                          "(and seed).")
+    for k, (lo, hi) in bounds.items():
+        if not lo <= hi or (k in ("unmasked_weight", "lr") and lo <= 0):
+            raise ConfigError(f"range of {k} = ({lo}, {hi}): need low <= high{' and low > 0 (log scale)' if k in ('unmasked_weight', 'lr') else ''}.")
     space: dict[str, Any] = {
-        "replace_prob": tune.uniform(*SEARCH_RANGES["replace_prob"]),
-        "unmasked_weight": tune.loguniform(*SEARCH_RANGES["unmasked_weight"]),
-        "lr": tune.loguniform(*SEARCH_RANGES["lr"]),
-        "stage1_fraction": tune.uniform(*SEARCH_RANGES["stage1_fraction"]),
+        "replace_prob": tune.uniform(*bounds["replace_prob"]),
+        "unmasked_weight": tune.loguniform(*bounds["unmasked_weight"]),
+        "lr": tune.loguniform(*bounds["lr"]),
+        "stage1_fraction": tune.uniform(*bounds["stage1_fraction"]),
         "seed": 0,
     }
     space.update(fixed)

@@ -1,0 +1,288 @@
+"""Ray Tune ablation sweeps (sftok_platform.sweeps, experiments/sweep.py).
+
+Fast tests: search spaces and trial -> config mapping, the paper-shaped report, and that MLflow's sqlite
+store keeps every metric when several processes write at once (the sweep's tracking choice).
+
+End to end (``slow``; one private local Ray for the module, tiny model, tiny synthetic data, a random
+teacher so stage 0 is skipped): a 3-trial replace-ratio grid through Tune + Train + MLflow; an
+Optuna + ASHA search where ASHA stops a diverging trial, the next trial runs and the stopped trial's
+workers are released; a sweep killed mid-trial (the whole process group, SIGKILL) and finished with
+``--resume``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+FAST = ["data.synthetic_images=24", "data.synthetic_val_images=8", "stage1.steps=2", "stage2.steps=3",
+        "stage1.global_batch_size=4", "stage2.global_batch_size=4", "stage1.warmup_steps=0",
+        "stage2.warmup_steps=0", "train.log_every=1", "train.checkpoint_every=100", "train.max_failures=0",
+        "eval.steps=[1,2]", "eval.max_images=4", "eval.batch_size=4", "tracking.system_metrics=false"]
+
+
+# ######################################################################################################
+# Fast
+# ######################################################################################################
+
+def test_spaces_and_trial_overrides():
+    from ray import tune
+
+    from sftok.config import ConfigError, load_config
+    from sftok_platform.sweeps import spaces
+    cfg = load_config("tiny")
+    grid = spaces.replace_ratio_space([0, 0.5, 1.0], [True, False], [0, 1])
+    assert grid["replace_prob"] == tune.grid_search([0.0, 0.5, 1.0])
+    assert grid["warmup"] == tune.grid_search([True, False])
+    with pytest.raises(ConfigError, match="outside"):
+        spaces.replace_ratio_space([1.5])
+    with pytest.raises(ConfigError, match="unknown knob"):
+        spaces.search_space({"replace_ratio": 1.0})
+    with pytest.raises(ConfigError, match="low <= high"):
+        spaces.search_space(ranges={"lr": (1e-2, 1e-3)})
+
+    over = spaces.trial_overrides({"replace_prob": 0.8, "unmasked_weight": 0.2, "lr": 1e-3, "seed": 2,
+                                   "stage1_fraction": 0.25}, cfg, budget=100)
+    assert over["stage2.replace_prob"] == 0.8 and over["stage2.unmasked_weight"] == 0.2
+    assert over["stage1.lr"] == over["stage2.lr"] == 1e-3
+    assert (over["stage1.steps"], over["stage2.steps"]) == (25, 75)
+    assert over["train.seed"] == cfg.train.seed + 2
+    assert spaces.split_budget(10, 1.0) == (9, 1)          # stage 2 always trains
+    assert spaces.split_budget(10, 0.0) == (0, 10)
+    assert spaces.trial_key({"replace_prob": 0.5, "warmup": False, "seed": 1}) == "rp0p5-wu0-s1"
+    assert spaces.trial_key({"steps": 8}) == "steps8"
+    assert spaces.trial_key({"lr": 1e-3, "stage1_fraction": 0.1}, "abc_00001") == "t-abc_00001"
+
+
+def test_report_one_row_per_trial_and_metric_named(tmp_path):
+    from sftok_platform.sweeps import report
+    rows = []
+    for rp in (0.0, 0.5, 1.0):
+        for wu in (True, False):
+            for seed in (0, 1):
+                rows.append({"trial_key": f"rp{rp}-wu{int(wu)}-s{seed}", "replace_prob": rp, "warmup": wu,
+                             "seed": seed, "status": "finished", "val_loss": 5.0 - rp - 0.1 * seed,
+                             "val_psnr_1step": 10.0, "val_psnr_2step": 10.0 + rp, "val_accuracy_2step": 0.1})
+    rows.append({"trial_key": "rp1-wu1-s9", "replace_prob": 1.0, "warmup": True, "seed": 9,
+                 "status": "stopped early", "last_train_loss": 6.9})
+    files = report.write_report(rows, "replace-ratio", tmp_path, title="t")
+    md = Path(files["markdown"]).read_text()
+    table = md.split("One row per trial:")[1].split("Grouped over seeds:")[0]
+    body = [line for line in table.splitlines() if line.startswith("| ") and "Training strategy" not in line]
+    assert len(body) == len(rows)
+    assert "val CE (1-step) ↓" in md and "PSNR@2 (dB) ↑" in md and "rFID" not in md
+    assert "| Vanilla | 0 | 64 | ✓ |" in md and "| SFVR | 1 | 64 | ✗ |" in md
+    assert "SFVR is better by 1" in md                       # PSNR@2 10+1 vs 10+0 (mean over 2 seeds)
+    with open(files["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert Path(files["plot_ratio"]).stat().st_size > 0 and Path(files["plot_steps"]).stat().st_size > 0
+
+    # with the evaluation module's figures the table reports rFID, and says where it comes from
+    ev = [{"trial_key": "a", "replace_prob": 1.0, "warmup": True, "seed": 0, "status": "finished",
+           **report.flatten_eval({8: {"rFID": 4.3, "IS": 100.0, "psnr": 20.0}})}]
+    assert ev[0]["rfid_8step"] == 4.3 and ev[0]["is_8step"] == 100.0
+    assert report.metric_columns(ev)[0] == ("rfid_8step", "rFID@8", False)
+    ev[0]["eval_inception_real"] = 0.0
+    assert report.metric_columns(ev)[0] == ("rfid_8step", "rFID@8 (random Inception: not comparable)", False)
+    assert report.flatten_eval({"rfid": {"1": 2.0, "8step": 1.5}}) == {"rfid_1step": 2.0, "rfid_8step": 1.5}
+
+    steps_rows = [{"trial_key": f"steps{n}", "steps": n, "status": "finished", "psnr": 20.0 + n} for n in (1, 2, 4)]
+    files = report.write_report(steps_rows, "decode-steps", tmp_path / "steps", title="s")
+    md = Path(files["markdown"]).read_text()
+    assert "| PSNR ↑ | 21 | 22 | 24 |" in md and Path(files["plot_steps"]).is_file()
+
+
+def _log_many(uri: str, run_id: str, worker: int, n: int) -> None:
+    from mlflow import MlflowClient
+    c = MlflowClient(tracking_uri=uri)
+    for i in range(n):
+        c.log_metric(run_id, f"w{worker}", float(i), step=i)
+
+
+def test_sqlite_holds_parallel_writers(tmp_path):
+    """Why trials may share one sqlite store: MLflow 3 sets busy_timeout=20 s, so writers queue instead
+    of failing with "database is locked". Four processes write at once; every value must arrive."""
+    from mlflow import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    exp = c.create_experiment("x", artifact_location=str(tmp_path / "art"))
+    run_id = c.create_run(exp).info.run_id               # schema created before the writers start
+    n, workers = 40, 4
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_log_many, args=(uri, run_id, w, n)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    for w in range(workers):
+        assert sorted(m.step for m in c.get_metric_history(run_id, f"w{w}")) == list(range(n))
+
+
+# ######################################################################################################
+# End to end
+# ######################################################################################################
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A private Ray (dashboard on, State API reachable), a run root with a random stage-0-style teacher."""
+    import ray
+    import torch
+
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    from sftok_platform.sweeps import init_ray
+    from sftok_platform.train import checkpointing as ckpt
+    root = tmp_path_factory.mktemp("sweeps")
+    torch.manual_seed(0)
+    ckpt.save_teacher(MaskGITVQGAN(32, 1024, 256), root / "teacher", hidden_channels=32, codebook_size=1024,
+                      z_channels=256)
+    overrides = FAST + [f"run.root={root / 'runs'}", f"teacher.weights={root / 'teacher' / 'teacher.safetensors'}"]
+    init_ray(num_cpus=4)
+    yield {"root": root, "overrides": overrides}
+    ray.shutdown()
+
+
+def _cfg(env, extra=()):
+    from sftok.config import load_config
+    return load_config("tiny", list(env["overrides"]) + list(extra))
+
+
+@pytest.mark.slow
+def test_grid_sweep_end_to_end(env):
+    """3 replace-ratio trials (warm-up on: the stage-1 run is trained once and shared) through Tune + Train
+    + MLflow: one child run per trial with params, curves and final figures; table + plots on the parent."""
+    from sftok_platform import tracking
+    from sftok_platform.sweeps import run_sweep, runs
+    cfg = _cfg(env)
+    res = run_sweep("replace-ratio", cfg, name="grid", ratios=[0.0, 0.5, 1.0], warmup=[True], concurrency=2)
+    assert [r["status"] for r in res.rows] == ["finished"] * 3
+    assert [r["replace_prob"] for r in res.rows] == [0.0, 0.5, 1.0]
+    for r in res.rows:
+        assert r["sweep_step"] == cfg.stage1.steps + cfg.stage2.steps
+        assert r["val_loss"] > 0 and r["val_psnr_2step"] > 0
+
+    c = tracking.client(res.tracking_uri)
+    trials = runs.trial_runs(cfg, res.parent_run_id)
+    assert sorted(trials) == ["rp0-wu1-s0", "rp0p5-wu1-s0", "rp1-wu1-s0"]
+    for key, run in trials.items():
+        assert run.info.status == "FINISHED"
+        assert float(run.data.params["stage2.replace_prob"]) == float(key[2:].split("-")[0].replace("p", "."))
+        curve = c.get_metric_history(run.info.run_id, "loss")        # every stage-2 log step, on sweep_step
+        assert sorted(m.step for m in curve) == [cfg.stage1.steps + i for i in range(1, cfg.stage2.steps + 1)]
+        assert "val_psnr_2step" in run.data.metrics and "val_loss" in run.data.metrics
+    # the shared warm-up ran once, as a child of the sweep run
+    exp = tracking.ensure_experiment(cfg)
+    shared = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{res.parent_run_id}' and "
+                                                "tags.`sftok.stage` = 'stage1'")
+    assert len(shared) == 1
+    journal = Path(res.sweep_dir) / "runs" / "shared" / "stages" / "stage1" / "journal.jsonl"
+    assert sum('"event": "start"' in line for line in journal.read_text().splitlines()) == 1
+
+    arts = {a.path for a in c.list_artifacts(res.parent_run_id, "report")}
+    assert {"report/summary.md", "report/summary.csv", "report/metric_vs_replace_ratio.png",
+            "report/metric_vs_steps.png"} <= arts
+    with open(res.report_files["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert "val CE (1-step)" in Path(res.report_files["markdown"]).read_text()
+    assert c.get_run(res.parent_run_id).data.metrics["trials_finished"] == 3
+
+
+@pytest.mark.slow
+def test_asha_stops_a_trial_and_the_next_runs(env):
+    """Optuna + ASHA: trial 2 (lr 8, diverges) is stopped at the second rung, its Train workers' placement
+    group is removed, and trial 3 runs afterwards."""
+    import ray
+    from ray.util.state import list_placement_groups
+
+    from sftok_platform import tracking
+    from sftok_platform.sweeps import run_sweep, runs
+    cfg = _cfg(env)
+    budget = cfg.stage1.steps + cfg.stage2.steps
+    good = {"replace_prob": 1.0, "unmasked_weight": 0.1, "lr": 1e-3}
+    res = run_sweep("search", cfg, name="asha", trials=3, concurrency=1, fixed={"stage1_fraction": 0.0},
+                    ranges={"lr": (1e-4, 10.0)}, points_to_evaluate=[good, {**good, "lr": 8.0}], grace_steps=1)
+    rows = {round(r["lr"], 6): r for r in res.rows}
+    assert len(res.rows) == 3
+    assert rows[0.001]["status"] == "finished" and rows[0.001]["sweep_step"] == budget
+    bad = rows[8.0]
+    assert bad["status"] == "stopped early" and bad["sweep_step"] < budget
+    third = next(r for r in res.rows if round(r["lr"], 6) not in (0.001, 8.0))
+    assert third["iterations"] >= 1
+    frames = {round(r.config["lr"], 6): r.metrics_dataframe for r in res.result_grid}
+    t_third = next(df for lr, df in frames.items() if lr not in (0.001, 8.0))
+    assert t_third["timestamp"].min() >= frames[8.0]["timestamp"].max()
+
+    trials = runs.trial_runs(cfg, res.parent_run_id)
+    stopped = trials[bad["trial_key"]]
+    assert stopped.info.status == "KILLED"
+    assert tracking.client(res.tracking_uri).get_run(stopped.info.run_id).data.tags["sftok.trial_status"] == "stopped early"
+    # the stopped Train run's workers are released (Train V2 PG cleanup through the State API)
+    deadline = time.time() + 90
+    while True:
+        live = [pg for pg in list_placement_groups() if pg.state not in ("REMOVED",)]
+        if not live or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert not live, live
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+
+
+def _journal_starts(stage_dir: Path) -> list[dict]:
+    p = stage_dir / "journal.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if '"event": "start"' in x]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes(env, tmp_path):
+    """Kill the sweep (driver and its local Ray, SIGKILL) while its second trial trains; --resume keeps the
+    finished trial, continues the interrupted one from its last checkpoint and completes the table."""
+    extra = ["stage2.steps=6", "train.checkpoint_every=1"]
+    args = ["replace-ratio", "--preset", "tiny", "--name", "resume", "--ratios", "0,1", "--warmup", "off",
+            "--concurrency", "1", "--num-cpus", "3", *env["overrides"], *extra]
+    child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    log = tmp_path / "sweep.log"
+    sweep_runs = Path(_cfg(env).run.root) / "sweeps" / "resume" / "runs"
+    keys = ["rp0-wu0-s0", "rp1-wu0-s0"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "sweep.py"), *args], cwd=REPO,
+                                env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 600
+        first = second = None
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                done = [k for k in keys if (sweep_runs / k / "stages" / "stage2" / "done.json").is_file()]
+                if done:
+                    first = done[0]
+                    second = next(k for k in keys if k != first)
+                    if list((sweep_runs / second / "ray").glob("*-stage2/step_*")):
+                        break
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert first and second and proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
+    assert not (sweep_runs / second / "stages" / "stage2" / "done.json").exists()
+
+    from sftok_platform.sweeps import run_sweep, runs
+    cfg = _cfg(env, extra)
+    res = run_sweep("replace-ratio", cfg, name="resume", resume=True, ratios=[0.0, 1.0], warmup=[False],
+                    concurrency=1)
+    assert [r["status"] for r in res.rows] == ["finished", "finished"]
+    assert len(_journal_starts(sweep_runs / first / "stages" / "stage2")) == 1     # not trained again
+    starts = _journal_starts(sweep_runs / second / "stages" / "stage2")
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 1     # continued, not restarted
+    assert sorted(runs.trial_runs(cfg, res.parent_run_id)) == sorted(keys)         # same MLflow runs
+    with open(res.report_files["csv"]) as f:
+        assert len(list(csv.DictReader(f))) == 2
