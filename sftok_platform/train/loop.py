@@ -231,8 +231,8 @@ def train_loop_per_worker(config: dict) -> None:
     log = StageLogger(config["tracking"]["uri"], config["tracking"].get("run_id"), enabled=rank == 0,
                       system_metrics=config["tracking"].get("system_metrics", True))
     if rank == 0:
-        ckpt.journal(paths, event="start", step=start_step, resumed=checkpoint is not None, world_size=world,
-                     micro_batch=micro, optimizer_fingerprint=resumed_fp)
+        ckpt.journal(paths, event="start", t=round(time.time(), 3), step=start_step, resumed=checkpoint is not None,
+                     world_size=world, micro_batch=micro, optimizer_fingerprint=resumed_fp)
         what = f"resuming at step {start_step}" if checkpoint is not None else "starting"
         say(f"[{stage}] {what}: {total} steps, global batch {st.global_batch_size} = {world} workers x "
               f"{accum} accum x {micro} images, device {device.type}, precision "
@@ -279,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
             steps_window += 1
             done = step + 1
             if rank == 0:
-                ckpt.journal(paths, step=done, loss=float(loss.detach()))
+                ckpt.journal(paths, step=done, loss=float(loss.detach()), t=round(time.time(), 3))
 
             last = done == total
             log_now = done % cfg.train.log_every == 0 or last

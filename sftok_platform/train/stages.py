@@ -234,17 +234,13 @@ def build_stage3(cfg: Config, inputs: dict, device) -> StageParts:
         return metrics
 
     def aux_state() -> dict:
-        if disc is None:
-            return {"lecam": {k: v for k, v in losses.state_dict().items() if k.startswith("ema_")}}
-        return {"discriminator": disc.state_dict(), "d_optimizer": d_opt.state_dict(),
-                "lecam": {k: v for k, v in losses.state_dict().items() if k.startswith("ema_")}}
+        """D heads + LeCam EMAs (never the external backbones) and D's optimizer."""
+        return {"loss": losses.checkpoint_state(), **({"d_optimizer": d_opt.state_dict()} if d_opt else {})}
 
     def aux_load(state: dict) -> None:
-        if disc is not None and "discriminator" in state:
-            disc.load_state_dict(state["discriminator"])
+        losses.load_checkpoint_state(state["loss"])
+        if d_opt is not None:
             d_opt.load_state_dict(state["d_optimizer"])
-        for k, v in state.get("lecam", {}).items():
-            getattr(losses, k).copy_(v)
 
     steps = list(cfg.eval.steps)
 
