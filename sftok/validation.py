@@ -1,6 +1,8 @@
 """Input checks with messages that say what was expected and how to fix the call."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -17,9 +19,10 @@ def check_images(images, image_size: int) -> torch.Tensor:
                          f"{hint}; resize/crop to {image_size}x{image_size} first.")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch.")
-    if images.numel() and not torch.isfinite(images).all():
+    # one device sync for the whole check (this runs on every training forward)
+    lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()
+    if math.isnan(lo) or math.isnan(hi) or math.isinf(lo) or math.isinf(hi):
         raise ValueError("images contain NaN or inf values.")
-    lo, hi = images.min().item(), images.max().item()
     if lo < -1e-3 or hi > 1 + 1e-3:
         hint = " (they look like [-1, 1]; use (images + 1) / 2)" if lo >= -1 - 1e-3 and hi <= 1 + 1e-3 else \
             " (they look like 0..255 pixels; divide by 255)" if hi > 1.5 else ""
@@ -40,12 +43,12 @@ def check_ids(ids, length: int, vocab: int, name: str, allow: int | None = None)
         raise ValueError(f"{name} must have shape [B, {length}], got {list(ids.shape)}; this model uses "
                          f"{length} {name} per image.")
     if ids.numel():
-        lo, hi = ids.min().item(), ids.max().item()
-        top = vocab if allow is None else max(vocab, allow + 1)
         bad = (ids < 0) | (ids >= vocab)
         if allow is not None:
             bad &= ids != allow
-        if bad.any():
+        if bad.any():                      # the only device sync on the happy path
+            lo, hi = ids.min().item(), ids.max().item()
+            top = vocab if allow is None else max(vocab, allow + 1)
             extra = f" or {allow}" if allow is not None else ""
             raise ValueError(f"{name} must lie in [0, {vocab}){extra}, got values in [{lo}, {hi}] "
                              f"(vocabulary size {vocab}, valid up to {top - 1}).")
