@@ -189,12 +189,13 @@ def train_loop_per_worker(config: dict) -> None:
     if micro * world * accum != st.global_batch_size:
         raise ValueError(f"{stage}.global_batch_size={st.global_batch_size} is not divisible by workers x "
                          f"grad_accum = {world} x {accum}.")
-    seed_everything(cfg.train.seed + 1000 * rank)
+    seed_everything(cfg.train.seed)      # identical modules on every rank (random external backbones too)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # official: TF32 on
         torch.backends.cudnn.allow_tf32 = True
 
     parts: StageParts = build_stage(stage, cfg, config["inputs"], device)
+    seed_everything(cfg.train.seed + 1000 * rank)   # then per-rank streams (masks, augmentation)
     model = parts.model
     optimizer = build_optimizer(model, st)
     ema = EMA(model, cfg.train.ema_decay)
@@ -362,7 +363,7 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
     parts.export(ema_model, paths.export)
     out: dict = {}
     val = ray.train.get_dataset_shard("val")
-    limit = min(cfg.eval.max_images or 32, 32)     # a quick check; the full evaluation is sftok_platform.evaluate
+    limit = min(cfg.eval.max_images or 16, 16)     # a quick check; the full evaluation is sftok_platform.evaluate
     sums: dict[str, float] = {}
     n_img = 0
     first = None

@@ -217,7 +217,8 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
-            callbacks=callbacks or None),
+            callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),   # our own progress lines only
         datasets={"train": read_split(shards, "train", train=True, image_size=image_size, seed=cfg.data.shuffle_seed),
                   "val": read_split(shards, "val", train=False, image_size=image_size)},
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
@@ -287,7 +288,7 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
         if final_stage is not None:
             export = results[final_stage].checkpoint_dir
             if evaluate:
-                eval_metrics = _evaluate(cfg, export, shards, rdir, results, echo)
+                eval_metrics = _evaluate(cfg, export, shards, rdir, parent, echo)
                 if eval_metrics:
                     tracking.log_summary_metrics(cfg, parent, {f"eval/{k}": v for k, v in eval_metrics.items()})
             version, uri = tracking.register_model(cfg, parent, export, tags={
@@ -317,8 +318,9 @@ def _teacher_path(cfg: Config, rdir: Path) -> Optional[str]:
     return str(ckpt.teacher_file(p.export)) if ckpt.is_done(p) else None
 
 
-def _evaluate(cfg: Config, export: str, shards: str, rdir: Path, results: dict, echo) -> dict:
-    """Reconstruction metrics of the final export through the EVAL part (sftok_platform.evaluate)."""
+def _evaluate(cfg: Config, export: str, shards: str, rdir: Path, parent: str, echo) -> dict:
+    """Reconstruction metrics of the final export (sftok_platform.evaluate), logged as an ``eval`` child run
+    of the pipeline run (with one child per decoding step count) and summarised on the parent."""
     try:
         from sftok_platform.evaluate import evaluate_checkpoint
     except ImportError as e:
@@ -330,7 +332,9 @@ def _evaluate(cfg: Config, export: str, shards: str, rdir: Path, results: dict, 
         path = _teacher_path(cfg, rdir)
         teacher = ckpt.load_teacher_export(path, cfg) if path else None
     echo(f"[pipeline] evaluating {export} at {list(cfg.eval.steps)} decoding steps ...")
-    metrics = evaluate_checkpoint(export, shards, cfg, steps=list(cfg.eval.steps), teacher=teacher, use_ray=True)
+    metrics = evaluate_checkpoint(export, shards, cfg, steps=list(cfg.eval.steps), teacher=teacher, use_ray=True,
+                                  tracking_uri=tracking.tracking_uri(cfg), experiment=cfg.tracking.experiment,
+                                  parent_run_id=parent, run_name=f"{cfg.run.name}-eval")
     (rdir / "eval_metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
     return {k: float(v) for k, v in _flatten_numbers(metrics).items()}
 
@@ -367,10 +371,13 @@ def summary_table(result: PipelineResult) -> str:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    if result.eval_metrics:
-        lines.append("\nEvaluation (final model):")
-        for k, v in sorted(result.eval_metrics.items()):
-            lines.append(f"  {k:<32} {_fmt(v)}")
+    headline = {k: v for k, v in result.eval_metrics.items()
+                if k in ("num_images", "rfid", "is", "psnr", "ssim", "lpips", "codebook_usage")
+                or (k.startswith("steps/") and k.endswith("/rfid"))}
+    if headline:
+        lines.append("\nEvaluation of the final model (all figures: eval_metrics.json and the MLflow eval run):")
+        for k, v in sorted(headline.items()):
+            lines.append(f"  {k:<20} {_fmt(v)}")
     return "\n".join(lines)
 
 
