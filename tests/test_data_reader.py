@@ -115,10 +115,13 @@ def test_ensure_dataset(shards, tmp_path, monkeypatch):
     assert ensure_dataset(cfg) == path                                  # complete: reused as is
     assert (tmp_path / "runs/data/synthetic/manifest.json").stat().st_mtime_ns == mtime
 
+    cfg.data.synthetic_images = 21
+    with pytest.raises(DataError, match="synthetic_images"):
+        ensure_dataset(cfg)                                             # refused before any work
     cfg.data.path = shards
     assert ensure_dataset(cfg) == shards
     cfg.data.path = str(tmp_path / "missing")
-    with pytest.raises(DataError, match=r"no manifest.json in .*missing: run python -m sftok_platform.data prepare|no manifest.json in"):
+    with pytest.raises(DataError, match=r"no manifest.json in .*missing: run `python -m sftok_platform.data prepare"):
         ensure_dataset(cfg)
 
 
@@ -154,5 +157,7 @@ def test_proxy_codes_match_the_teacher_and_reach_the_reader(ray_local, tmp_path)
     assert add_proxy_codes(str(shards), str(weights), hidden_channels=32, quiet=True) == m   # rerun: no-op
     assert [(shards / s["file"]).stat().st_mtime_ns for s in m["splits"]["train"]["shards"]] == stamps
 
-    rows = read_split(str(shards), "val", train=True, proxy_codes=True).take_all()
-    assert len(rows) == 1 and rows[0]["proxy_codes"].shape == (256,) and rows[0]["proxy_codes"].dtype == np.int64
+    ds = read_split(str(shards), "val", train=True, proxy_codes=True)
+    (batch,) = list(iter_train_batches(ds, 1, epoch=0, device="cpu"))
+    assert batch["proxy_codes"].shape == (1, 256) and batch["proxy_codes"].dtype == torch.int64
+    assert batch["image"].shape == (1, 3, 256, 256) and batch["label"].dtype == torch.int64

@@ -146,8 +146,15 @@ class _RenderBatch:
         return pa.table(cols, schema=_STAGE_SCHEMA)
 
 
-def _num_blocks(n: int, per_block: int = 32) -> int:
-    return max(1, min(math.ceil(n / per_block), 4096))
+def _num_blocks(n: int, per_block: int = 256) -> int:
+    """Read tasks per wave: at least two per CPU (load balance), at most ``per_block`` files each (memory).
+
+    Few large tasks matter: every Ray task costs scheduling and a process hop, which dominates on a small or
+    busy machine, and every (task, shard) pair becomes one staging file for the commit to gather.
+    """
+    import ray
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return max(1, min(n, max(2 * cpus, math.ceil(n / per_block))))
 
 
 def _files_dataset(root: str, opts: CheckOptions) -> Callable[[list[ShardPlan]], Any]:
@@ -160,7 +167,7 @@ def _files_dataset(root: str, opts: CheckOptions) -> Callable[[list[ShardPlan]],
                 info[_norm(p)] = (e.relpath, e.label, shard.name)
                 paths.append(p)
         ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=_num_blocks(len(paths)))
-        return ds.map_batches(_ValidateBatch(info, opts), batch_size=16, batch_format="pyarrow")
+        return ds.map_batches(_ValidateBatch(info, opts), batch_size=64, batch_format="pyarrow")
     return make
 
 
@@ -170,7 +177,7 @@ def _synthetic_dataset(seed: int, size: int) -> Callable[[list[ShardPlan]], Any]
         items = [{"index": int(e.relpath.rsplit("/", 1)[1].split(".")[0]), "split": s.split,
                   "relpath": e.relpath, "shard": s.name} for s in wave for e in s.entries]
         ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
-        return ds.map_batches(_RenderBatch(seed, size), batch_size=16, batch_format="pyarrow")
+        return ds.map_batches(_RenderBatch(seed, size), batch_size=64, batch_format="pyarrow")
     return make
 
 
@@ -327,7 +334,9 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
                 n += len(todo[0].entries)
                 wave.append(todo.pop(0))
             staging = out / STAGING / f"wave-{wave_id:05d}"
+            t_wave = time.time()
             job.make_dataset(wave).write_parquet(str(staging), partition_cols=["shard"])
+            t_pipe = time.time() - t_wave
             refs = {commit.remote(str(staging), str(out), s): s for s in wave}
             while refs:
                 ready, _ = ray.wait(list(refs), num_returns=1)
@@ -341,6 +350,8 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
                 _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
                             f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
             shutil.rmtree(staging, ignore_errors=True)
+            _log(quiet, f"wave {wave_id}: {n} files, Ray Data pipeline {t_pipe:.1f} s, commit "
+                        f"{time.time() - t_wave - t_pipe:.1f} s")
             wave_id += 1
 
     _finalize(manifest)
@@ -422,6 +433,10 @@ def ensure_dataset(cfg) -> str:
                         f"NFS path: prepare it (`python -m sftok_platform.data prepare --synthetic "
                         f"{cfg.data.synthetic_images} --out DIR`) and set data.path=DIR.")
     out = Path(cfg.run.root).expanduser().resolve() / "data" / "synthetic"
-    prepare_synthetic(out, cfg.data.synthetic_images, num_val=cfg.data.synthetic_val_images,
-                      seed=cfg.data.seed, image_size=cfg.model.image_size, quiet=True)
+    try:
+        prepare_synthetic(out, cfg.data.synthetic_images, num_val=cfg.data.synthetic_val_images,
+                          seed=cfg.data.seed, image_size=cfg.model.image_size, quiet=True)
+    except DataError as e:
+        raise DataError(f"{e} (data.synthetic_images / synthetic_val_images / seed differ from the set already "
+                        f"made in {out}: restore them, delete {out}, or use another run.root)") from None
     return str(out)

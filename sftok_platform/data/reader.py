@@ -105,13 +105,12 @@ def epoch_dataset(shards_dir: str, split: str, epoch: int, *, seed: int = 0, **k
 
 def iter_train_batches(shard, batch_size: int, *, epoch: int, seed: int = 0, shuffle_buffer: int = 0,
                        device: Any = "auto", drop_last: bool = True, prefetch_batches: int = 2) -> Iterator[dict]:
-    """One epoch of torch batches from a Ray Train dataset shard (``ray.train.get_dataset_shard``).
+    """One epoch of torch batches from a Ray Train dataset shard (``ray.train.get_dataset_shard``) or a Dataset.
 
     ``drop_last=True`` keeps every worker at the same number of steps (uneven batches deadlock the
     all-reduce, PLATFORM P9). ``shuffle_buffer`` > 0 adds a local shuffle seeded from ``(seed, epoch)``.
     """
-    import torch
     local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) if shuffle_buffer else None
-    return shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64},
-                                    device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
+    # dtypes stay as produced (image float32, label/proxy_codes int64): no per-batch casts
+    return shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
                                     local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=local_seed)
