@@ -58,8 +58,9 @@ def ray_local():
 
 @pytest.mark.slow
 def test_stage4_end_to_end_tiny(tmp_path, ray_local):
-    """Tokenize (Ray Data) -> train (Ray Train, 1 CPU worker, checkpoints) -> sample (Ray Data) -> gFID vs the
-    val shards, all logged to a real MLflow sqlite store as a child of a pipeline run."""
+    """Tokenize (Ray Data) -> train (Ray Train, 1 CPU worker, checkpoints; the worker fails once after step 2
+    and the restarted group resumes from that checkpoint) -> sample (Ray Data) -> gFID vs the val shards, all
+    logged to a real MLflow sqlite store as a child of a pipeline run."""
     import torch
     from mlflow import MlflowClient
 
@@ -83,7 +84,8 @@ def test_stage4_end_to_end_tiny(tmp_path, ray_local):
     torch.manual_seed(0)
     tok_dir = save_model(SFTok(cfg.model), tmp_path / "tokenizer")    # the tiny preset's tokenizer (64 px)
     parent = tracking.start_parent_run(cfg)
-    out = run_stage4(cfg, str(tok_dir), str(shards), parent)
+    out = run_stage4(cfg, str(tok_dir), str(shards), parent,
+                     debug={"fail_after_step": 2, "marker": str(tmp_path / "failed_once")})
 
     # metrics: a finite gFID against the val shards, labelled as such, and an Inception Score
     assert np.isfinite(out["gfid_vs_val"]) and out["gfid_vs_val"] >= 0
@@ -109,6 +111,8 @@ def test_stage4_end_to_end_tiny(tmp_path, ray_local):
     assert {p.name for p in ray_dir.glob("step_*")} == {"step_0000002", "step_0000004"}
     journal = [json.loads(x) for x in (stage / "journal.jsonl").read_text().splitlines()]
     assert [e["step"] for e in journal if "loss" in e] == [1, 2, 3, 4]
+    starts = [(e["step"], e["resumed"]) for e in journal if e.get("event") == "start"]
+    assert starts == [(0, False), (2, True)] and (tmp_path / "failed_once").exists()
 
     # MLflow: a finished child run under the parent with the loss curve, final metrics and the sample grid
     c = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
