@@ -262,8 +262,11 @@ def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size:
 
     from sftok_platform.data import read_split
 
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     size = num_actors or (gpus if gpus else 1)
+    # leave CPU for the Parquet read tasks, or the pool takes every CPU and the read never starts
+    num_cpus = min(cpus_per_actor, max(0.25, (cpus - 1) / size)) if not gpus else cpus_per_actor
     ctx = DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True       # max_images keeps the same first N images every time
@@ -272,7 +275,7 @@ def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size:
                         limit=max_images if max_images and max_images > 0 else None)
         ds = ds.select_columns(["image"]).map_batches(
             BatchEvaluator, fn_constructor_kwargs=evaluator_kwargs, batch_size=batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=size), num_gpus=1 if gpus else 0, num_cpus=cpus_per_actor)
+            compute=ActorPoolStrategy(size=size), num_gpus=1 if gpus else 0, num_cpus=num_cpus)
         yield from ds.iter_batches(batch_size=None, batch_format="numpy")
     finally:
         ctx.execution_options.preserve_order = old_order
@@ -517,6 +520,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = deterministic decoding (official: 1.0)")
     p.add_argument("--assignment", choices=["batch", "per_image"], default=None)
+    p.add_argument("--inception-input-size", type=int, default=299,
+                   help="299 is the protocol; smaller sizes (>= 75) only for quick smoke tests (not comparable)")
     p.add_argument("--fid-method", choices=["auto", "sqrtm", "eigh", "lowrank"], default="auto")
     p.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of a Ray actor pool")
     p.add_argument("--num-actors", type=int, default=None, help="actor pool size (default: #GPUs, or 1)")
@@ -547,6 +552,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         inception_weights=args.inception_weights, max_images=args.max_images, batch_size=args.batch_size,
         temperature=args.temperature, use_ray=not args.no_ray, lpips_weights=(args.lpips_vgg16, args.lpips_heads),
         assignment=args.assignment, num_actors=args.num_actors, fid_method=args.fid_method, out=args.out,
+        inception_input_size=args.inception_input_size,
         tracking_uri=args.tracking_uri, experiment=args.experiment, parent_run_id=args.parent_run_id)
     print(steps_table(result))
     print(f"\n{result['num_images']} images, {result['seconds']:.1f} s; codebook usage "

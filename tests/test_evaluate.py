@@ -1,0 +1,164 @@
+"""sftok_platform.evaluate: the accumulator equals a direct computation, Ray Data equals in-process, stage-1/2
+decoding through the teacher, JSON + MLflow outputs, the command line.
+
+Kept fast on 2 cores: a 64 px tiny tokenizer (4x4 proxy grid), 8 images, random Inception at 75 px input
+(labelled not comparable), and the exact low-rank FID (8 images give rank-7 covariances).
+"""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import sftok
+from sftok.checkpoint import save_model
+from sftok.inception import FIDInceptionV3
+from sftok.metrics import FeatureStats, InceptionScoreStats, fid_from_feature_stats, psnr, ssim, to_uint8
+from sftok_platform.evaluate import evaluate_checkpoint, flat_metrics, iter_local_batches, log_to_mlflow, main, steps_table
+
+FAST = dict(steps=(1, 4), inception_input_size=75, assignment="per_image", batch_size=3)
+
+
+def write_shards(root, sizes, split="val", per_file=5):
+    """Parquet shards + manifest in the DATA helper's schema (image_bytes, label, path, width, height)."""
+    from sftok_platform.data import synthetic
+    from sftok_platform.data.manifest import write_manifest
+    (root / split).mkdir(parents=True)
+    shards, rows = [], []
+    for i, (w, h) in enumerate(sizes):
+        data, label = synthetic.render_jpeg(i, split=split, size=max(w, h))
+        from PIL import Image
+        import io
+        img = Image.open(io.BytesIO(data)).resize((w, h))
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=95)
+        rows.append({"image_bytes": buf.getvalue(), "label": label, "path": f"{split}/{i}.jpg", "width": w, "height": h})
+    chunks = [rows[i:i + per_file] for i in range(0, len(rows), per_file)]
+    for k, chunk in enumerate(chunks):
+        name = f"{split}-{k:05d}-of-{len(chunks):05d}"
+        pq.write_table(pa.Table.from_pylist(chunk), root / split / f"{name}.parquet")
+        shards.append({"name": name, "file": f"{split}/{name}.parquet", "rows": len(chunk)})
+    write_manifest(root, {"kind": "sftok-image-shards", "schema_version": 1, "complete": True,
+                          "source": {"type": "test"}, "options": {}, "classes": synthetic.classes(),
+                          "splits": {split: {"planned_images": len(rows), "planned_shards": len(chunks),
+                                             "shards": shards, "num_images": len(rows)}}})
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("eval")
+    shards = write_shards(root / "shards", [(64, 64), (80, 64), (64, 72), (96, 96), (70, 66), (64, 64), (90, 70),
+                                            (64, 80)])
+    model = sftok.create_model("sftok_tiny", image_size=64, num_proxy_codes=16)
+    save_model(model, root / "ckpt")
+    result = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=False, **FAST)
+    return root, shards, model, result
+
+
+def test_result_layout_and_labels(setup):
+    _, _, _, r = setup
+    assert r["num_images"] == 8 and r["step_counts"] == [1, 4] and r["stage"] == "stage3"
+    assert set(r["steps"]) == {"1", "4"}
+    for s in ("1", "4"):
+        assert set(r["steps"][s]) == {"rfid", "is", "psnr", "psnr_y", "ssim", "lpips"}
+        assert r["steps"][s]["rfid"] > 0 and r["steps"][s]["is"] >= 1.0 and r["steps"][s]["lpips"] is None
+    assert r["rfid"] == r["steps"]["4"]["rfid"]                       # headline = largest step count
+    assert [row["steps"] for row in r["rfid_vs_steps"]] == [1, 4]
+    assert 0 < r["codebook_usage"] <= 8 * 64 / 1024 and 0 < r["codebook_entropy"] <= np.log2(8 * 64)
+    assert not r["inception"]["paper_comparable"]
+    assert any("NOT comparable" in n for n in r["notes"]) and any("LPIPS skipped" in n for n in r["notes"])
+    assert "| 4 |" in steps_table(r)
+    json.dumps(r)                                                      # JSON-able as is
+
+
+def test_accumulated_metrics_equal_a_direct_computation(setup):
+    root, shards, model, r = setup
+    images = torch.cat([torch.from_numpy(b["image"]) for b in iter_local_batches(shards, "val", image_size=64,
+                                                                                  batch_size=8)])
+    assert images.shape == (8, 3, 64, 64)
+    net = FIDInceptionV3("")
+    net.INPUT_IMAGE_SIZE = 75
+    tokens = model.encode(images, assignment="per_image")
+    real = FeatureStats(2048).update(net.features(to_uint8(images))[0])
+    recon = model.decode_tokens(tokens, num_steps=4, temperature=0.0)
+    r_u8 = to_uint8(recon)
+    pool, logits = net.features(r_u8)
+    fake = FeatureStats(2048).update(pool)
+    s4 = r["steps"]["4"]
+    assert s4["rfid"] == pytest.approx(fid_from_feature_stats(real, fake, method="eigh"), rel=1e-3, abs=1e-6)
+    assert s4["is"] == pytest.approx(InceptionScoreStats().update(logits).compute(), rel=1e-5)
+    rf = r_u8.float() / 255
+    assert s4["psnr"] == pytest.approx(psnr(rf, images).mean().item(), rel=1e-5)
+    assert s4["psnr_y"] == pytest.approx(psnr(rf, images, y_channel=True).mean().item(), rel=1e-5)
+    assert s4["ssim"] == pytest.approx(ssim(rf, images).mean().item(), rel=1e-5)
+    ids = tokens.flatten().tolist()
+    assert r["codebook_usage"] == pytest.approx(len(set(ids)) / 1024)
+
+
+@pytest.mark.slow
+def test_ray_data_actor_pool_equals_in_process(setup, tmp_path):
+    import ray
+    root, shards, _, local = setup
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=True, num_actors=1, **FAST)
+    finally:
+        ray.shutdown()
+    assert remote["ray"] and remote["num_images"] == local["num_images"] == 8
+    assert remote["codebook_usage"] == local["codebook_usage"]
+    assert remote["codebook_entropy"] == pytest.approx(local["codebook_entropy"], abs=1e-12)
+    assert remote["is_original"] == pytest.approx(local["is_original"], rel=1e-6)
+    for s in ("1", "4"):
+        for k in ("psnr", "psnr_y", "ssim", "is"):
+            assert remote["steps"][s][k] == pytest.approx(local["steps"][s][k], rel=1e-6), (s, k)
+        assert remote["steps"][s]["rfid"] == pytest.approx(local["steps"][s]["rfid"], rel=1e-4, abs=1e-7)
+
+
+def test_stage12_checkpoint_decodes_through_the_teacher(setup, tmp_path):
+    _, shards, _, _ = setup
+    m12 = sftok.create_model("sftok_tiny_stage12", image_size=64, num_proxy_codes=16)
+    save_model(m12, tmp_path / "s12")
+    with pytest.raises(sftok.ConfigError, match="teacher"):
+        evaluate_checkpoint(str(tmp_path / "s12"), shards, use_ray=False, max_images=2, **FAST)
+    teacher = sftok.MaskGITVQGAN(hidden_channels=32)
+    r = evaluate_checkpoint(str(tmp_path / "s12"), shards, use_ray=False, teacher=teacher, max_images=4,
+                            **dict(FAST, steps=(2,)))
+    assert r["stage"] == "stage12" and r["num_images"] == 4 and np.isfinite(r["rfid"])
+
+
+def test_json_and_mlflow_parent_child_runs(setup, tmp_path):
+    from mlflow.tracking import MlflowClient
+    _, _, _, r = setup
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "art"))
+    parent = client.create_run(exp, run_name="pipeline").info.run_id
+    rid = log_to_mlflow(r, uri, experiment="t", parent_run_id=parent)
+    run = client.get_run(rid)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics["rfid"] == pytest.approx(r["rfid"])
+    hist = client.get_metric_history(rid, "rfid_vs_steps")
+    assert sorted((m.step, m.value) for m in hist) == [(1, pytest.approx(r["steps"]["1"]["rfid"])),
+                                                      (4, pytest.approx(r["steps"]["4"]["rfid"]))]
+    children = client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{rid}'")
+    assert sorted(c.data.params["decode_steps"] for c in children) == ["1", "4"]
+    arts = {a.path for a in client.list_artifacts(rid, "eval")}
+    assert arts == {"eval/results.json", "eval/rfid_vs_steps.md"}
+    assert run.data.params["inception_weights"] == "random"
+    assert "rfid/steps_1" in flat_metrics(r)
+
+
+def test_command_line(setup, tmp_path, capsys):
+    root, shards, _, _ = setup
+    out = tmp_path / "res.json"
+    assert main(["--checkpoint", str(root / "ckpt"), "--data", shards, "--steps", "2", "--no-ray", "--max-images",
+                 "3", "--assignment", "per_image", "--inception-input-size", "75", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["num_images"] == 3 and res["step_counts"] == [2] and res["inception"]["input_size"] == 75
+    text = capsys.readouterr()
+    assert "| 2 |" in text.out and "NOT comparable" in text.err + text.out
+    assert main(["--checkpoint", str(root / "ckpt"), "--data", shards, "--steps", "x"]) == 2
