@@ -62,18 +62,27 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, warmup: int, device) -> tuple[float, object]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    sync(device)
-    times = []
+def compare(variants, run, repeats: int, device, prepare=None, warmup: bool = True) -> list[tuple[float, object]]:
+    """Time ``run(v)`` for every variant, round-robin, so that load drift on a shared machine hits all
+    variants alike. One untimed warm-up call per variant first (its output is the one compared; without
+    warm-up, the first timed call's). ``prepare(v)`` runs untimed before every call (layout switches).
+    Returns [(median seconds, output)]."""
+    prepare = prepare or (lambda v: None)
+    outputs, times = [None] * len(variants), [[] for _ in variants]
+    if warmup:
+        for i, v in enumerate(variants):
+            prepare(v)
+            outputs[i] = run(v)
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for i, v in enumerate(variants):
+            prepare(v)
+            sync(device)
+            t0 = time.perf_counter()
+            out = run(v)
+            sync(device)
+            times[i].append(time.perf_counter() - t0)
+            outputs[i] = out if outputs[i] is None else outputs[i]
+    return [(statistics.median(t), o) for t, o in zip(times, outputs)]
 
 
 def variant_ctx(v: dict, device):
@@ -117,46 +126,47 @@ def set_layout(model, channels_last: bool):
 
 
 def bench_encode(model, device, args):
-    print(f"\n[encode] batch 1, {args.repeats} repeats (+1 warm-up)")
+    print(f"\n[encode] batch 1, {args.repeats} interleaved repeats (+1 warm-up)")
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)).to(device)
-    base_t, base_tok = None, None
-    for v in VARIANTS:
-        if v.get("bf16_pixel"):
-            continue
-        if v.get("channels_last"):
-            v = {**v, "name": v["name"].replace(" + channels_last", "")}
+    variants = [{**v, "name": v["name"].replace(" + channels_last", "")}
+                for v in VARIANTS if not v.get("bf16_pixel")]
+
+    def run(v):
         with variant_ctx(v, device):
-            t, tok = timed(lambda: model.encode(x), args.repeats, 1, device)
-        if base_t is None:
-            base_t, base_tok = t, tok
+            return model.encode(x)
+
+    results = compare(variants, run, args.repeats, device)
+    base_t, base_tok = results[0]
+    for v, (t, tok) in zip(variants, results):
         same = (tok == base_tok).float().mean().item()
         report(v["name"], t, base_t, 1, GFLOP["encoder"], f"tokens equal to baseline: {same * 100:.1f}%")
 
 
-def bench_decode(model, device, args, batch: int, repeats: int, variants):
+def bench_decode(model, device, args, batch: int, repeats: int, variants, warmup: bool = True):
     print(f"\n[decode-to-image] {args.steps} steps, temperature {args.temperature}, batch {batch}, "
-          f"{repeats} repeats (+{args.warmup} warm-up)")
+          f"{repeats} interleaved repeats ({'+1 warm-up' if warmup else 'no warm-up: kernels warmed by batch 1'})")
     tokens = torch.randint(0, model.cfg.codebook_size, (batch, 64), generator=torch.Generator().manual_seed(3))
     tokens = tokens.to(device)
 
-    def run(bf16_pixel=False):
-        g = torch.Generator(device=device).manual_seed(0)
-        res = model.decode(tokens, args.steps, args.temperature, generator=g)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16_pixel):
-            return res.ids, model.logits_to_image(res.logits)
-
-    base_t = base_ids = base_img = None
-    for v in variants:
-        set_layout(model, bool(v.get("channels_last")))
-        fn = (lambda: run(bf16_pixel=True)) if v.get("bf16_pixel") else run
-        if v.get("compile"):
-            model.decoder.compile(dynamic=False)
-            model.pixel_decoder.compile(dynamic=False)
+    def run(v):
         with variant_ctx(v, device):
-            t, (ids, img) = timed(fn, repeats, args.warmup if base_t is None or v.get("compile") else min(
-                args.warmup, 1), device)
-        if base_t is None:
-            base_t, base_ids, base_img = t, ids, img
+            res = model.decode(tokens, args.steps, args.temperature,
+                               generator=torch.Generator(device=device).manual_seed(0))
+            with torch.autocast(device.type, dtype=torch.bfloat16) if v.get("bf16_pixel") else contextlib.nullcontext():
+                return res.ids, model.logits_to_image(res.logits)
+
+    results = compare(variants, run, repeats, device, warmup=warmup,
+                      prepare=lambda v: set_layout(model, bool(v.get("channels_last"))))
+    if args.compile:   # compiled modules change every later call, so this one is timed after the others
+        v = dict(name="SDPA + inference_mode + channels_last + torch.compile", attn="sdpa", inference_mode=True,
+                 channels_last=True)
+        set_layout(model, True)
+        model.decoder.compile(dynamic=False)
+        model.pixel_decoder.compile(dynamic=False)
+        variants = variants + [v]
+        results += compare([v], run, repeats, device)
+    base_t, (base_ids, base_img) = results[0]
+    for v, (t, (ids, img)) in zip(variants, results):
         agree = (ids == base_ids).float().mean().item()
         diff = (img.float() - base_img.float()).abs().max().item()
         report(v["name"], t, base_t, batch, decode_gflop(model, args.steps),
@@ -170,7 +180,8 @@ def bench_train(name: str, device, args):
     from sftok.objectives import Stage3Loss, stage1_loss, stage2_loss
     from sftok.optim import build_adamw
     B = args.train_batch
-    print(f"\n[train step] batch {B}, {args.train_repeats} repeats (+1 warm-up step); forward + backward + AdamW")
+    print(f"\n[train step] batch {B}, {args.train_repeats} interleaved repeats (+1 warm-up step); "
+          "forward + backward + AdamW")
     x = torch.rand(B, 3, 256, 256, generator=torch.Generator().manual_seed(4)).to(device)
     codes = torch.randint(0, 1024, (B, 256), generator=torch.Generator().manual_seed(5)).to(device)
     for stage in ("stage1", "stage2", "stage3"):
@@ -197,23 +208,28 @@ def bench_train(name: str, device, args):
             opt.zero_grad(set_to_none=True)
             return loss.detach()
 
-        # every variant starts from the same weights and optimiser state, so first-step losses compare
+        # every variant's warm-up step starts from the same weights and optimiser state, so the
+        # first-step losses compare; the timed steps then continue from wherever the weights are
         init_model = {k: v.clone() for k, v in model.state_dict().items()}
-        base = base_loss = None
-        for v in (dict(name="eager fp32 baseline (math attn)", attn="math"), dict(name="SDPA fp32", attn="sdpa"),
-                  dict(name="SDPA + bf16 autocast", attn="sdpa", bf16=True)):
-            model.load_state_dict(init_model)
-            opt.state.clear()
-            ctx = contextlib.ExitStack()
-            ctx.enter_context(attention_impl(v["attn"]))
-            if v.get("bf16"):
-                ctx.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-            with ctx:
-                first = step().item()
-                t, _ = timed(step, args.train_repeats, 0, device)
-            base = base or t
-            base_loss = first if base_loss is None else base_loss
-            report(f"{stage}: {v['name']}", t, base, B, train_gflop(model, stage),
+        variants = [dict(name="eager fp32 baseline (math attn)", attn="math"), dict(name="SDPA fp32", attn="sdpa"),
+                    dict(name="SDPA + bf16 autocast", attn="sdpa", bf16=True)]
+        fresh = set()
+
+        def run(v):
+            if v["name"] not in fresh:
+                fresh.add(v["name"])
+                model.load_state_dict(init_model)
+                opt.state.clear()
+            with contextlib.ExitStack() as ctx:
+                ctx.enter_context(attention_impl(v["attn"]))
+                if v.get("bf16"):
+                    ctx.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+                return step().item()
+
+        results = compare(variants, run, args.train_repeats, device)
+        base_t, base_loss = results[0]
+        for v, (t, first) in zip(variants, results):
+            report(f"{stage}: {v['name']}", t, base_t, B, train_gflop(model, stage),
                    f"first-step loss {first:.5f} (baseline {base_loss:.5f})")
         del model, opt, stage3
 
@@ -252,13 +268,13 @@ def main(argv=None):
     p.add_argument("--model", default="sftok_b64")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="encode,decode,train,assignment")
+    p.add_argument("--sections", default="encode,decode,train,decode16,assignment")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch16-repeats", type=int, default=1)
+    p.add_argument("--batch16-warmup", action="store_true", help="warm-up call before the batch-16 timings")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--train-batch", type=int, default=2)
+    p.add_argument("--train-batch", type=int, default=1)
     p.add_argument("--train-repeats", type=int, default=2)
     p.add_argument("--assign-batch", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also time torch.compile (decoder + pixel decoder)")
@@ -279,14 +295,15 @@ def main(argv=None):
         bench_encode(model, device, args)
     if "decode" in sections:
         bench_decode(model, device, args, 1, args.repeats, VARIANTS)
-        best = [VARIANTS[0], VARIANTS[2], VARIANTS[3], VARIANTS[4]]
-        if args.compile:
-            best.append(dict(name="SDPA + inference_mode + channels_last + compile", attn="sdpa",
-                             inference_mode=True, channels_last=True, compile=True))
-        bench_decode(model, device, args, 16, args.batch16_repeats, best)
-    del model
     if "train" in sections:
         bench_train(args.model, device, args)
+    if "decode16" in sections:
+        if args.compile:
+            torch.manual_seed(0)       # fresh, uncompiled model
+            model = sftok.create_model(args.model).to(device).eval()
+        best = [VARIANTS[0], VARIANTS[2], VARIANTS[4]]
+        bench_decode(model, device, args, 16, args.batch16_repeats, best, warmup=args.batch16_warmup)
+    del model
     if "assignment" in sections:
         bench_assignment(device, args)
     print(f"\nload average {os.getloadavg()[0]:.2f} at end")
