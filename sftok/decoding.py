@@ -38,7 +38,11 @@ def masked_after_step(num_steps: int, num_slots: int = 256) -> list[int]:
 
 
 def _gumbel(shape_like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    u = torch.zeros_like(shape_like).uniform_(0, 1, generator=generator)
+    if generator is not None and generator.device != shape_like.device:   # e.g. a CPU generator, CUDA model
+        u = torch.zeros(shape_like.shape, dtype=shape_like.dtype, device=generator.device)
+        u = u.uniform_(0, 1, generator=generator).to(shape_like.device)
+    else:
+        u = torch.zeros_like(shape_like).uniform_(0, 1, generator=generator)
     return -torch.log((-torch.log(u.clamp(min=1e-20))).clamp(min=1e-20))
 
 
