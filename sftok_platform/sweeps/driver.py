@@ -385,7 +385,7 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
                        "fixed": json.dumps(fixed or {}), "ranges": json.dumps(ranges or {}), "asha": asha}
     parent = runs.start_sweep_run(base, name, kind, description)
     from sftok_platform.data import ensure_dataset
-    shards = ensure_dataset(base)
+    shards = ensure_dataset(cfg)          # the user's run root: data shared with pipeline runs and other sweeps
     ctx = SweepContext(kind=kind, name=name, sweep_dir=str(sweep_dir), cfg=base.to_dict(), shards=shards,
                        parent_run_id=parent, budget=base.stage1.steps + base.stage2.steps, evaluation=evaluation,
                        eval_steps=tuple(base.eval.steps), checkpoint=checkpoint, debug=debug)
@@ -495,9 +495,13 @@ def _notes(cfg: Config, kind: str, evaluation: str) -> list[str]:
     img = cfg.model.image_size
     notes = [f"preset {cfg.preset}: encoder {cfg.model.encoder_size}, decoder {cfg.model.decoder_size}, "
              f"{cfg.model.num_latent_tokens} tokens, {img}x{img} images; data {cfg.data.path or 'built-in synthetic'}."]
-    if kind != "decode-steps":
-        notes.append(f"stage 1: {cfg.stage1.steps} steps, stage 2: {cfg.stage2.steps} steps, global batch "
-                     f"{cfg.stage2.global_batch_size}, lr {cfg.stage2.lr:g}.")
+    if kind == "replace-ratio":
+        notes.append(f"stage 1 (warm-up, shared): {cfg.stage1.steps} steps, stage 2: {cfg.stage2.steps} steps, "
+                     f"global batch {cfg.stage2.global_batch_size}, lr {cfg.stage2.lr:g}.")
+    elif kind == "search":
+        notes.append(f"step budget {cfg.stage1.steps + cfg.stage2.steps} (stage 1 + stage 2), split per trial by "
+                     f"stage1_fraction; global batch {cfg.stage2.global_batch_size}. Optuna maximises "
+                     f"{reporting.objective(cfg)[0]}; ASHA stops on the training loss at equal steps.")
     if evaluation == "val":
         notes.append("Metric: validation of the stage-2 EMA model on the val split: val CE = 1-step cross-entropy "
                      "against the teacher codes; PSNR / token accuracy after n-step deterministic decoding "
