@@ -434,7 +434,11 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
                                        notes=_notes(base, kind, evaluation))
         reporting.log_report(uri, parent, files, rows)
         echo(Path(files["markdown"]).read_text())
-        runs.end_run(uri, parent, "FINISHED")
+        unfinished = [r["trial_key"] for r in rows if r["status"] in ("interrupted", "error")]
+        if unfinished:
+            echo(f"[sweep] {len(unfinished)} trial(s) interrupted or failed ({', '.join(unfinished)}): rerun the same "
+                 f"command with --resume to finish them.")
+        runs.end_run(uri, parent, "KILLED" if unfinished else "FINISHED")
     except BaseException:
         runs.end_run(uri, parent, "FAILED")
         raise
@@ -481,12 +485,13 @@ def _fits(resources: dict, per_trial: dict, spare_cpus: float = 0.0) -> int:
 
 
 def _close_stopped_trials(cfg: Config, parent: str, rows: list[dict]) -> None:
-    """Trial runs whose trial was stopped (ASHA) or crashed are still RUNNING in MLflow: close them."""
+    """Trial runs whose trial was stopped (ASHA), interrupted or crashed are still RUNNING in MLflow: close
+    them (KILLED / FAILED); a resumed sweep reopens them."""
     uri = tracking.tracking_uri(cfg)
     for key, run in runs.trial_runs(cfg, parent).items():
         if run.info.status == "RUNNING":
             row = next((r for r in rows if r.get("trial_key") == key), {})
-            status = "KILLED" if row.get("status") == "stopped early" else "FAILED"
+            status = "FAILED" if row.get("status") == "error" else "KILLED"
             tracking.client(uri).set_tag(run.info.run_id, "sftok.trial_status", row.get("status", "unknown"))
             runs.end_run(uri, run.info.run_id, status)
 

@@ -77,15 +77,22 @@ def collect_rows(grid, kind: str, *, budget: int = 0) -> list[dict]:
     """One row per trial of a Tune ``ResultGrid``: the trial's parameters, status and final figures."""
     from sftok_platform.sweeps.spaces import trial_key
     rows = []
+    # Tune's own trial status tells an ASHA stop (TERMINATED) from an interrupted sweep (RUNNING/PENDING);
+    # ResultGrid has no public per-trial status in Ray 2.60, so read it where it lives, tolerantly.
+    analysis = getattr(grid, "_experiment_analysis", None)
+    tune_status = {t.trial_id: t.status for t in getattr(analysis, "trials", None) or []}
     for result in grid:
         params = dict(result.config or {})
         m = dict(result.metrics or {})
-        if result.error is not None:
+        state = tune_status.get(m.get("trial_id", ""), "TERMINATED")
+        if result.error is not None or state == "ERROR":
             status = "error"
         elif m.get("trial_done"):
             status = "finished"
-        else:
+        elif state in ("TERMINATED", "STOPPED"):
             status = "stopped early"
+        else:
+            status = "interrupted"
         key = m.get("trial_key") or trial_key(params, m.get("trial_id", ""))
         row = {"trial_key": key, **params, "status": status, "sweep_step": m.get("sweep_step"),
                "iterations": m.get("training_iteration")}
