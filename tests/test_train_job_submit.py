@@ -52,6 +52,7 @@ def head():
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")      # short: Ray's socket paths have a length limit
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"     # a throw-away local head; real clusters use the token (README)
     cmd = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
            "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -63,7 +64,7 @@ def head():
         stop_head(temp_dir)
 
 
-def test_job_submit_runs_the_pipeline(head, tmp_path):
+def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
     from ray.job_submission import JobStatus, JobSubmissionClient
     sid = f"sftok-smoke-{os.getpid()}"
     entry = ["python", "experiments/full_pipeline.py", "--root", str(tmp_path), "--stages",
@@ -74,6 +75,7 @@ def test_job_submit_runs_the_pipeline(head, tmp_path):
                              "--submission-id", sid, "--no-wait", "--", *entry],
                             cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
     assert submit.returncode == 0, submit.stderr[-2000:]
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client = JobSubmissionClient(head["address"])
     deadline = time.time() + 900
     status = client.get_job_status(sid)
