@@ -245,7 +245,7 @@ class MaskGITGenerator(nn.Module):
         token for every masked slot; its (noised) logit is the confidence; the
         ``clamp(floor(seq_len * arccos(r) / (pi/2)), 1, masked - 1)`` least confident new tokens are masked
         again. The last step keeps everything. Randomness comes from ``generator`` (CPU or the model's
-        device) so a seed reproduces a sample.
+        device) so a seed reproduces a sample. Call ``model.eval()`` first: dropout stays active otherwise.
         """
         if num_steps < 1:
             raise ValueError(f"num_steps={num_steps}: need at least one sampling step.")
