@@ -76,15 +76,15 @@ def _lpips_note(lpips_weights) -> str:
     if not vgg or not heads:
         return ("LPIPS skipped: set losses.vgg16_weights and losses.lpips_heads (local files) to compute it "
                 "(SPEC E's official LPIPS is the lpips package's AlexNet; this project reports LPIPS-VGG)")
-    if "random" in (str(vgg).strip().lower(), str(heads).strip().lower()):
-        return "LPIPS-VGG with RANDOM weights: meaningless"
+    if _is_random(vgg) or _is_random(heads):
+        return "LPIPS skipped: LPIPS-VGG weights are 'random' (the distance would be meaningless)"
     return ""
 
 
 def _load_lpips(lpips_weights):
-    """LPIPS-VGG (``sftok.lpips``) from (vgg16 file, heads file), or None when either is unset."""
+    """LPIPS-VGG (``sftok.lpips``) from (vgg16 file, heads file); None when either is unset or 'random'."""
     vgg, heads = (lpips_weights or ("", ""))
-    if not vgg or not heads:
+    if _is_random(vgg) or _is_random(heads):
         return None
     from sftok.lpips import LPIPS
     return LPIPS(vgg, heads).eval().requires_grad_(False)
@@ -262,6 +262,8 @@ def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size:
 
     from sftok_platform.data import read_split
 
+    if not ray.is_initialized():      # never attach to some other cluster by accident: RAY_ADDRESS or a new one
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     size = num_actors or (gpus if gpus else 1)

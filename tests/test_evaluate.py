@@ -162,3 +162,25 @@ def test_command_line(setup, tmp_path, capsys):
     text = capsys.readouterr()
     assert "| 2 |" in text.out and "NOT comparable" in text.err + text.out
     assert main(["--checkpoint", str(root / "ckpt"), "--data", shards, "--steps", "x"]) == 2
+
+
+def test_lpips_with_local_weight_files_and_random_is_skipped(setup, tmp_path):
+    from sftok.lpips import LPIPS, _vgg16_features
+    root, shards, _, _ = setup
+    torch.manual_seed(0)
+    torch.save({f"features.{k}": v for k, v in _vgg16_features().state_dict().items()}, tmp_path / "vgg16.pth")
+    torch.save({f"lin{k}.model.1.weight": torch.full((1, c, 1, 1), 1.0 / c)
+                for k, c in enumerate((64, 128, 256, 512, 512))}, tmp_path / "vgg.pth")
+    weights = (str(tmp_path / "vgg16.pth"), str(tmp_path / "vgg.pth"))
+    kw = dict(FAST, steps=(1,), max_images=2)
+    r = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=False, lpips_weights=weights, **kw)
+    assert not any("LPIPS" in n for n in r["notes"])
+    model = sftok.load_model(root / "ckpt")
+    images = next(iter_local_batches(shards, "val", image_size=64, batch_size=2))["image"]
+    images = torch.from_numpy(images)
+    recon = to_uint8(model.decode_tokens(model.encode(images, assignment="per_image"), num_steps=1,
+                                         temperature=0.0)).float() / 255
+    expected = LPIPS(*weights)(recon, images).mean().item()
+    assert r["lpips"] == pytest.approx(expected, rel=1e-4) and r["lpips"] > 0
+    skipped = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=False, lpips_weights=("random", "random"), **kw)
+    assert skipped["lpips"] is None and any("'random'" in n for n in skipped["notes"])
