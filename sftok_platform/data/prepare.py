@@ -167,7 +167,8 @@ def _files_dataset(root: str, opts: CheckOptions) -> Callable[[list[ShardPlan]],
                 info[_norm(p)] = (e.relpath, e.label, shard.name)
                 paths.append(p)
         ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=_num_blocks(len(paths)))
-        return ds.map_batches(_ValidateBatch(info, opts), batch_size=64, batch_format="pyarrow")
+        # batch_size=None: one call per read block, which lets Ray fuse Read->MapBatches->Write into one task
+        return ds.map_batches(_ValidateBatch(info, opts), batch_size=None, batch_format="pyarrow")
     return make
 
 
@@ -177,7 +178,7 @@ def _synthetic_dataset(seed: int, size: int) -> Callable[[list[ShardPlan]], Any]
         items = [{"index": int(e.relpath.rsplit("/", 1)[1].split(".")[0]), "split": s.split,
                   "relpath": e.relpath, "shard": s.name} for s in wave for e in s.entries]
         ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
-        return ds.map_batches(_RenderBatch(seed, size), batch_size=64, batch_format="pyarrow")
+        return ds.map_batches(_RenderBatch(seed, size), batch_size=None, batch_format="pyarrow")
     return make
 
 
