@@ -26,6 +26,10 @@ GPU cluster (``ray_cluster.yaml``: CPU head running the ``mlflow server``, 8-GPU
 
 (prepare the shards once with ``python -m sftok_platform.data prepare --source ... --out ...``.)
 
+Where things go: ``--root`` (default ``./runs``; as a Ray job without ``--root``: ``~/sftok/runs`` on the
+head, since a job's working dir is an ephemeral copy) holds every run, the Ray checkpoints, the stage
+exports and the default MLflow store (``mlflow.db`` + ``mlartifacts/``).
+
 Resume and fresh attempts: rerunning the same command after a crash skips the finished stages and
 restarts the running one from its last checkpoint (same optimizer state, no repeated steps). A fresh
 attempt is an explicit ``--run-name NAME``; the default name is the preset's name.
@@ -42,6 +46,7 @@ MLflow UI (the exact command is printed at the end of a run)::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -95,6 +100,10 @@ def config_from_args(args: argparse.Namespace):
         overrides.append("generator.enabled=true")
     overrides += list(args.set) + list(args.overrides)
     cfg = load_config(source, overrides, validate=False)
+    if not Path(cfg.run.root).expanduser().is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
+        # a Ray job's CWD is its unpacked working_dir in an ephemeral session dir: keep runs out of it
+        cfg.run.root = str(Path("~/sftok").expanduser() / cfg.run.root)
+        print(f"[pipeline] running as a Ray job: run.root={cfg.run.root} (pass --root for shared storage)")
     if args.run_name is not None:
         cfg.run.name = args.run_name
     elif cfg.run.name == "default":

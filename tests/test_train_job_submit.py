@@ -71,9 +71,14 @@ def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
              "stage0", "--run-name", "job", "stage0.steps=2", "stage0.global_batch_size=2", "stage0.warmup_steps=1",
              "data.synthetic_images=8", "data.synthetic_val_images=2", "train.log_every=1",
              "train.checkpoint_every=2", "tracking.system_metrics=false"]
-    submit = subprocess.run(["ray", "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-                             "--submission-id", sid, "--no-wait", "--", *entry],
-                            cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+    deadline = time.time() + 300
+    while True:   # the head's job agent may still be starting ("No available agent to submit job")
+        submit = subprocess.run(["ray", "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
+                                 "--submission-id", sid, "--no-wait", "--", *entry],
+                                cwd=REPO, env=head["env"], capture_output=True, text=True, timeout=300)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr or time.time() > deadline:
+            break
+        time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     client = JobSubmissionClient(head["address"])
