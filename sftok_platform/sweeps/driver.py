@@ -67,12 +67,19 @@ def init_ray(num_cpus: Optional[float] = None, num_gpus: Optional[int] = None) -
     if address != "local":
         ray.init(address=address, logging_level="warning")
         return dict(ray.cluster_resources())
-    port = _free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     cores = os.cpu_count() or 1
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             num_cpus=num_cpus if num_cpus is not None else cores + 2, num_gpus=num_gpus,
-             logging_level="warning")
+    for attempt in range(3):
+        port = _free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        try:
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                     num_cpus=num_cpus if num_cpus is not None else cores + 2, num_gpus=num_gpus,
+                     logging_level="warning")
+            break
+        except Exception as e:       # Ray gives a local raylet 30 s to start: not always enough on a busy host
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     return dict(ray.cluster_resources())
 
 
