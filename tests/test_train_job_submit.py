@@ -53,8 +53,12 @@ def head():
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env["RAY_AUTH_MODE"] = "disabled"     # a throw-away local head; real clusters use the token (README)
+    # every port explicit: the defaults (e.g. the job agent's 52365) may belong to another Ray on this machine
     cmd = ["ray", "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-           "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+           f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+           f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+           f"--ray-client-server-port={free_port()}", "--num-cpus=2", "--include-dashboard=true",
+           f"--temp-dir={temp_dir}", "--disable-usage-stats"]
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     try:
         if started.returncode != 0:
