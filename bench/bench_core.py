@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import platform
 import statistics
@@ -117,6 +118,8 @@ VARIANTS = [
          channels_last=True, bf16_pixel=True),
     dict(name="SDPA + inference_mode + channels_last + bf16", attn="sdpa", inference_mode=True,
          channels_last=True, bf16=True),
+    dict(name="SDPA + inference_mode + channels_last + bf16 weights", attn="sdpa", inference_mode=True,
+         channels_last=True, bf16_weights=True),
 ]
 
 
@@ -129,7 +132,7 @@ def bench_encode(model, device, args):
     print(f"\n[encode] batch 1, {args.repeats} interleaved repeats (+1 warm-up)")
     x = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(1)).to(device)
     variants = [{**v, "name": v["name"].replace(" + channels_last", "")}
-                for v in VARIANTS if not v.get("bf16_pixel")]
+                for v in VARIANTS if not (v.get("bf16_pixel") or v.get("bf16_weights"))]
 
     def run(v):
         with variant_ctx(v, device):
@@ -144,19 +147,29 @@ def bench_encode(model, device, args):
 
 def bench_decode(model, device, args, batch: int, repeats: int, variants, warmup: bool = True):
     print(f"\n[decode-to-image] {args.steps} steps, temperature {args.temperature}, batch {batch}, "
-          f"{repeats} interleaved repeats ({'+1 warm-up' if warmup else 'no warm-up: kernels warmed by batch 1'})")
+          f"{repeats} interleaved repeats ({'+1 warm-up' if warmup else 'no warm-up call'})")
     tokens = torch.randint(0, model.cfg.codebook_size, (batch, 64), generator=torch.Generator().manual_seed(3))
     tokens = tokens.to(device)
 
+    copies = {}
+
+    def pick(v):
+        if not v.get("bf16_weights"):
+            return model
+        if "bf16" not in copies:      # model.inference_dtype(bf16): bf16 weights, fp32 quantizer
+            copies["bf16"] = copy.deepcopy(model).inference_dtype(torch.bfloat16)
+        return copies["bf16"]
+
     def run(v):
+        m = pick(v)
         with variant_ctx(v, device):
-            res = model.decode(tokens, args.steps, args.temperature,
-                               generator=torch.Generator(device=device).manual_seed(0))
+            res = m.decode(tokens, args.steps, args.temperature,
+                           generator=torch.Generator(device=device).manual_seed(0))
             with torch.autocast(device.type, dtype=torch.bfloat16) if v.get("bf16_pixel") else contextlib.nullcontext():
-                return res.ids, model.logits_to_image(res.logits)
+                return res.ids, m.logits_to_image(res.logits)
 
     results = compare(variants, run, repeats, device, warmup=warmup,
-                      prepare=lambda v: set_layout(model, bool(v.get("channels_last"))))
+                      prepare=lambda v: set_layout(pick(v), bool(v.get("channels_last"))))
     if args.compile:   # compiled modules change every later call, so this one is timed after the others
         v = dict(name="SDPA + inference_mode + channels_last + torch.compile", attn="sdpa", inference_mode=True,
                  channels_last=True)
@@ -213,6 +226,7 @@ def bench_train(name: str, device, args):
         init_model = {k: v.clone() for k, v in model.state_dict().items()}
         variants = [dict(name="eager fp32 baseline (math attn)", attn="math"), dict(name="SDPA fp32", attn="sdpa"),
                     dict(name="SDPA + bf16 autocast", attn="sdpa", bf16=True)]
+        variants = [variants[i] for i in map(int, args.train_variants.split(","))]
         fresh = set()
 
         def run(v):
@@ -226,7 +240,7 @@ def bench_train(name: str, device, args):
                     ctx.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
                 return step().item()
 
-        results = compare(variants, run, args.train_repeats, device)
+        results = compare(variants, run, args.train_repeats, device, warmup=not args.no_warmup)
         base_t, base_loss = results[0]
         for v, (t, first) in zip(variants, results):
             report(f"{stage}: {v['name']}", t, base_t, B, train_gflop(model, stage),
@@ -277,6 +291,11 @@ def main(argv=None):
     p.add_argument("--train-batch", type=int, default=1)
     p.add_argument("--train-repeats", type=int, default=2)
     p.add_argument("--assign-batch", type=int, default=8)
+    p.add_argument("--decode-variants", default="0,1,2,3,4",
+                   help="indices into VARIANTS for the batch-1 decode (0 = baseline, keep it first)")
+    p.add_argument("--train-variants", default="0,1,2", help="0 = eager fp32, 1 = SDPA fp32, 2 = SDPA + bf16")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="skip warm-up calls (the first timed call is compared); for a heavily loaded machine")
     p.add_argument("--compile", action="store_true", help="also time torch.compile (decoder + pixel decoder)")
     args = p.parse_args(argv)
 
@@ -294,7 +313,8 @@ def main(argv=None):
     if "encode" in sections:
         bench_encode(model, device, args)
     if "decode" in sections:
-        bench_decode(model, device, args, 1, args.repeats, VARIANTS)
+        chosen = [VARIANTS[i] for i in map(int, args.decode_variants.split(","))]
+        bench_decode(model, device, args, 1, args.repeats, chosen, warmup=not args.no_warmup)
     if "train" in sections:
         bench_train(args.model, device, args)
     if "decode16" in sections:

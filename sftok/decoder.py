@@ -49,6 +49,7 @@ class MultiStepDecoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, z_quantized: torch.Tensor) -> torch.Tensor:
         B, C, H, W = z_quantized.shape
+        z_quantized = z_quantized.to(self.decoder_embed.weight.dtype)   # fp32 codes into a bf16 decoder
         cond = self.decoder_embed(z_quantized.reshape(B, C * H, W).transpose(1, 2))   # [B, 64, W]
         cond = cond + self.condition_positional_embedding.to(cond.dtype)
         slots = self.learnable_embedding(ids)                                          # [B, 256, W]

@@ -33,6 +33,7 @@ class TiTokEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor, latent_tokens: torch.Tensor) -> torch.Tensor:
         B = pixel_values.shape[0]
+        pixel_values = pixel_values.to(self.patch_embed.weight.dtype)           # fp32 images into bf16 weights
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)            # [B, grid^2, W]
         x = torch.cat([self.class_embedding.expand(B, -1, -1).to(x.dtype), x], dim=1)
         x = x + self.positional_embedding.to(x.dtype)

@@ -108,7 +108,7 @@ class SFTok(nn.Module):
         B, N, V = logits.shape
         side = self.decoder.grid_size
         feats = logits.softmax(dim=-1) @ self.pixel_quantize.embedding.weight.to(logits.dtype)   # [B, 256, C]
-        feats = feats.transpose(1, 2).reshape(B, -1, side, side)
+        feats = feats.transpose(1, 2).reshape(B, -1, side, side).to(self.pixel_decoder.conv_in.weight.dtype)
         channels_last = self.pixel_decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
         layout = torch.channels_last if channels_last else torch.contiguous_format
         return self.pixel_decoder(feats.contiguous(memory_format=layout))
@@ -135,7 +135,7 @@ class SFTok(nn.Module):
                                "teacher: pass teacher=sftok.maskgit_vqgan.load_teacher(path).")
         result = self.decode(tokens, num_steps, temperature, generator)
         if self.cfg.pixel_head:
-            return self.logits_to_image(result.logits)
+            return self.logits_to_image(result.logits).float()
         return teacher.decode_codes(result.ids)
 
     def channels_last(self) -> "SFTok":
@@ -143,6 +143,16 @@ class SFTok(nn.Module):
         float rounding). ``logits_to_image`` already builds its 16x16 feature map in that layout."""
         if self.cfg.pixel_head:
             self.pixel_decoder.to(memory_format=torch.channels_last)
+        return self
+
+    def inference_dtype(self, dtype: torch.dtype = torch.bfloat16) -> "SFTok":
+        """Cast the weights for inference to ``dtype`` (e.g. bf16: AMX/tensor-core matmuls without autocast's
+        per-call weight casts), keeping the OptVQ quantizer in fp32 as the official code does. Decoding
+        still samples from fp32 logits. Outputs then differ from fp32 by bf16 rounding."""
+        for name, child in self.named_children():
+            if name != "quantize":
+                child.to(dtype)
+        self.latent_tokens.data = self.latent_tokens.data.to(dtype)
         return self
 
     # ------------------------------------------------------------------ stage 3 helpers
