@@ -3,7 +3,6 @@ the safe checkpoint format, the run layout, MLflow tracking (real sqlite store),
 must fail before any work, the CLI, and one optimisation step of every stage on CPU."""
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path

@@ -230,7 +230,7 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
         tracking.end_run(cfg, run_id, "FAILED")
         raise
     seconds = time.time() - t0
-    if result.error is not None:   # defensive: V2 raises, but do not mark a failed stage done
+    if result.error is not None:   # V2 returns (not raises) controller errors, e.g. workers OOM-killed
         tracking.end_run(cfg, run_id, "FAILED")
         raise result.error
     metrics_file = paths.dir / "final_metrics.json"
