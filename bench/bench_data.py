@@ -94,8 +94,9 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=3000)
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--shard-size", type=int, default=500)
-    ap.add_argument("--reader-images", type=int, default=512)
+    ap.add_argument("--reader-images", type=int, default=256, help="images for the single-process reader loop")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reader-only", action="store_true", help="reuse the shards of a previous run in --workdir")
     args = ap.parse_args()
 
     import ray
@@ -126,11 +127,12 @@ def main() -> None:
             (small / p.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
             os.symlink(p, small / p.relative_to(src))
     t = time.perf_counter()
+    shutil.rmtree(work / "warm", ignore_errors=True)
     prepare(small, work / "warm", shard_size=args.shard_size, quiet=True)
     print(f"Ray cold start (first 100-image prep, starts the workers): {time.perf_counter() - t:.1f} s")
 
     manifests = {}
-    for label, resize in (("keep bytes", None), ("--resize 288", 288)):
+    for label, resize in () if args.reader_only else (("keep bytes", None), ("--resize 288", 288)):
         shutil.rmtree(work / "base", ignore_errors=True)
         t, c = time.perf_counter(), time.process_time()
         n = baseline(src, work / "base", args.shard_size, CheckOptions(resize=resize))
@@ -155,22 +157,27 @@ def main() -> None:
               f"speedup {t_base / t_ray:.2f}x wall; CPU cost of Ray vs the loop {c_ray / c_base:.2f}x")
 
     shards = str(work / "ray_None")
-    first = manifests[None]["splits"]["train"]["shards"][0]["file"]
-    rows = pq.read_table(f"{shards}/{first}", columns=["image_bytes"]).column("image_bytes").to_pylist()[: args.reader_images // 4]
+    from sftok_platform.data import load_manifest
+    first = load_manifest(shards)["splits"]["train"]["shards"][0]["file"]
+    rows = pq.read_table(f"{shards}/{first}", columns=["image_bytes"]).column("image_bytes").to_pylist()[: args.reader_images]
     rng = np.random.default_rng(0)
     t, c = time.perf_counter(), time.process_time()
     for data in rows:
         to_chw_float([train_transform(data, 256, rng)])
     single, single_cpu = len(rows) / (time.perf_counter() - t), len(rows) / (time.process_time() - c)
-    ds = read_split(shards, "train", train=True, seed=0).limit(args.reader_images)
+    ds = read_split(shards, "train", train=True, seed=0)          # the whole split: no half-used blocks
     t, c, n = time.perf_counter(), ray_cpu_seconds(), 0
     for batch in ds.iter_torch_batches(batch_size=32, device="cpu"):
+        if n == 0:
+            t_first, n_first = time.perf_counter(), len(batch["label"])
         n += len(batch["label"])
-    t_read, c_read = time.perf_counter() - t, ray_cpu_seconds() - c
+    t_end = time.perf_counter()
+    t_read, c_read = t_end - t, ray_cpu_seconds() - c
+    steady = (n - n_first) / max(t_end - t_first, 1e-9)
     print(f"reader (decode 500x375 JPEG + resize 256 + crop + flip -> float32 [3,256,256]): single-process "
           f"{single:.1f} img/s ({single_cpu:.1f} img per CPU-s) | read_split + iter_torch_batches on {args.cpus} "
-          f"CPUs {n / t_read:.1f} img/s ({n} images, {t_read:.1f} s wall incl. pipeline start, "
-          f"{n / c_read:.1f} img per CPU-s)")
+          f"CPUs {n / t_read:.1f} img/s over {n} images ({t_read:.1f} s wall incl. {t_first - t:.1f} s to the first "
+          f"batch; {steady:.1f} img/s after it; {n / c_read:.1f} img per CPU-s)")
     print(f"load after: {os.getloadavg()}")
     ray.shutdown()
     if not args.workdir:

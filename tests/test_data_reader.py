@@ -159,5 +159,8 @@ def test_proxy_codes_match_the_teacher_and_reach_the_reader(ray_local, tmp_path)
 
     ds = read_split(str(shards), "val", train=True, proxy_codes=True)
     (batch,) = list(iter_train_batches(ds, 1, epoch=0, device="cpu"))
+    ds8 = read_split(str(shards), "val", train=False, image_dtype="uint8", proxy_codes=True)
+    (batch8,) = list(iter_train_batches(ds8, 1, epoch=0, device="cpu"))   # uint8 through Ray, float on device
+    assert batch8["image"].dtype == torch.float32 and torch.equal(batch8["image"], batch["image"])
     assert batch["proxy_codes"].shape == (1, 256) and batch["proxy_codes"].dtype == torch.int64
     assert batch["image"].shape == (1, 3, 256, 256) and batch["label"].dtype == torch.int64

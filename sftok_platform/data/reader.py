@@ -40,8 +40,12 @@ DEFAULT_BATCH = 16
 class DecodeAugment:
     """map_batches fn: (image_bytes, label, path[, proxy_codes]) -> (image float32 [B,3,S,S], label int64)."""
 
-    def __init__(self, *, train: bool, image_size: int = 256, seed: int | None = 0, proxy_codes: bool = False):
+    def __init__(self, *, train: bool, image_size: int = 256, seed: int | None = 0, proxy_codes: bool = False,
+                 image_dtype: str = "float32"):
+        if image_dtype not in ("float32", "uint8"):
+            raise DataError(f"image_dtype={image_dtype!r}: use 'float32' (values in [0,1]) or 'uint8' (0..255).")
         self.train, self.size, self.seed, self.proxy_codes = train, image_size, seed, proxy_codes
+        self.image_dtype = image_dtype
 
     def _rng(self, execution: int, path: str) -> np.random.Generator:
         if self.seed is None:
@@ -57,14 +61,17 @@ class DecodeAugment:
                 images.append(train_transform(data, self.size, self._rng(execution, str(path))))
             else:
                 images.append(eval_transform(data, self.size))
-        out = {"image": to_chw_float(images), "label": np.asarray(batch["label"], dtype=np.int64)}
+        image = (to_chw_float(images) if self.image_dtype == "float32"
+                 else np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2)))
+        out = {"image": image, "label": np.asarray(batch["label"], dtype=np.int64)}
         if self.proxy_codes:
             out[PROXY_CODES_COLUMN] = np.stack([np.asarray(c, dtype=np.int64) for c in batch[PROXY_CODES_COLUMN]])
         return out
 
 
 def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 256, seed: int | None = 0,
-               proxy_codes: bool = False, batch_size: int = DEFAULT_BATCH, limit: int | None = None):
+               proxy_codes: bool = False, batch_size: int = DEFAULT_BATCH, limit: int | None = None,
+               image_dtype: str = "float32"):
     """A ``ray.data.Dataset`` of ``image`` float32 [3,S,S] in [0,1] and ``label`` int64 for one split.
 
     train=True: SPEC C.3 augmentation (shorter side to ``image_size`` bicubic antialias, random crop, h-flip)
@@ -72,6 +79,8 @@ def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 25
     ``proxy_codes=True`` adds the precomputed teacher codes (int64 [256]); they belong to the center crop,
     so the images are then center-cropped and unflipped even when ``train`` (no augmentation: see
     ``proxy_codes.py``). ``limit`` keeps the first N rows (quick evals).
+    ``image_dtype="uint8"`` keeps images as uint8 [3,S,S] (0..255) through Ray: 4x less data in the object
+    store and to the GPU; ``iter_train_batches`` then converts them to float32 in [0,1] on the device.
     """
     import ray
     from ray.data import FileShuffleConfig
@@ -92,7 +101,8 @@ def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 25
     if limit is not None:
         ds = ds.limit(limit)
     augment = train and not proxy_codes
-    return ds.map_batches(DecodeAugment(train=augment, image_size=image_size, seed=seed, proxy_codes=proxy_codes),
+    return ds.map_batches(DecodeAugment(train=augment, image_size=image_size, seed=seed, proxy_codes=proxy_codes,
+                                        image_dtype=image_dtype),
                           batch_size=batch_size, batch_format="numpy")
 
 
@@ -109,8 +119,15 @@ def iter_train_batches(shard, batch_size: int, *, epoch: int, seed: int = 0, shu
 
     ``drop_last=True`` keeps every worker at the same number of steps (uneven batches deadlock the
     all-reduce, PLATFORM P9). ``shuffle_buffer`` > 0 adds a local shuffle seeded from ``(seed, epoch)``.
+    uint8 images (``read_split(image_dtype="uint8")``) arrive as float32 in [0,1], converted on ``device``.
     """
+    import torch
     local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]) if shuffle_buffer else None
-    # dtypes stay as produced (image float32, label/proxy_codes int64): no per-batch casts
-    return shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last, prefetch_batches=prefetch_batches,
-                                    local_shuffle_buffer_size=shuffle_buffer or None, local_shuffle_seed=local_seed)
+    # dtypes stay as produced (image float32 or uint8, label/proxy_codes int64): no per-batch casts in Ray
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device=device, drop_last=drop_last,
+                                          prefetch_batches=prefetch_batches,
+                                          local_shuffle_buffer_size=shuffle_buffer or None,
+                                          local_shuffle_seed=local_seed):
+        if batch["image"].dtype == torch.uint8:
+            batch["image"] = batch["image"].float().div_(255.0)
+        yield batch
