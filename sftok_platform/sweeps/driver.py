@@ -34,8 +34,8 @@ from sftok.config import Config, ConfigError, apply_override
 from sftok_platform import tracking
 from sftok_platform.sweeps import report as reporting
 from sftok_platform.sweeps import runs
-from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, split_budget,
-                                          trial_key, trial_overrides)
+from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, trial_key,
+                                          trial_overrides)
 
 TUNE_DIR = "tune"
 

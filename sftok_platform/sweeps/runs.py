@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
