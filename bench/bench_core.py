@@ -69,7 +69,7 @@ def compare(variants, run, repeats: int, device, prepare=None, warmup: bool = Tr
     warm-up, the first timed call's). ``prepare(v)`` runs untimed before every call (layout switches).
     Returns [(median seconds, output)]."""
     prepare = prepare or (lambda v: None)
-    outputs, times = [None] * len(variants), [[] for _ in variants]
+    outputs, times, cpu = [None] * len(variants), [[] for _ in variants], [[] for _ in variants]
     if warmup:
         for i, v in enumerate(variants):
             prepare(v)
@@ -78,11 +78,14 @@ def compare(variants, run, repeats: int, device, prepare=None, warmup: bool = Tr
         for i, v in enumerate(variants):
             prepare(v)
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = run(v)
             sync(device)
             times[i].append(time.perf_counter() - t0)
+            cpu[i].append(time.process_time() - c0)
             outputs[i] = out if outputs[i] is None else outputs[i]
+    for v, c in zip(variants, cpu):     # process CPU time barely depends on the neighbours' load
+        v["cpu_s"] = statistics.median(c)
     return [(statistics.median(t), o) for t, o in zip(times, outputs)]
 
 
@@ -101,8 +104,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
 
 
-def report(name: str, seconds: float, base: float, images: int, gflop_per_image: float, extra: str = ""):
+def report(name: str, seconds: float, base: float, images: int, gflop_per_image: float, extra: str = "",
+           cpu: float | None = None):
     line = f"  {name:<44s} {seconds * 1000:10.1f} ms  x{base / seconds:5.2f}  {images / seconds:8.3f} img/s"
+    if cpu is not None and seconds > 0:
+        line += f"  cpu {cpu:7.1f} s"
     peak = peak_tflops()
     if peak:
         line += f"  MFU {images * gflop_per_image / seconds / 1000 / peak * 100:5.1f}%"
@@ -142,7 +148,8 @@ def bench_encode(model, device, args):
     base_t, base_tok = results[0]
     for v, (t, tok) in zip(variants, results):
         same = (tok == base_tok).float().mean().item()
-        report(v["name"], t, base_t, 1, GFLOP["encoder"], f"tokens equal to baseline: {same * 100:.1f}%")
+        report(v["name"], t, base_t, 1, GFLOP["encoder"], f"tokens equal to baseline: {same * 100:.1f}%",
+               cpu=v.get("cpu_s"))
 
 
 def bench_decode(model, device, args, batch: int, repeats: int, variants, warmup: bool = True):
@@ -183,7 +190,8 @@ def bench_decode(model, device, args, batch: int, repeats: int, variants, warmup
         agree = (ids == base_ids).float().mean().item()
         diff = (img.float() - base_img.float()).abs().max().item()
         report(v["name"], t, base_t, batch, decode_gflop(model, args.steps),
-               f"ids equal {agree * 100:5.1f}%  max|img diff| {diff:.2e}  PSNR vs base {psnr(img, base_img):.1f} dB")
+               f"ids equal {agree * 100:5.1f}%  max|img diff| {diff:.2e}  PSNR vs base {psnr(img, base_img):.1f} dB",
+               cpu=v.get("cpu_s"))
     set_layout(model, False)
 
 
@@ -193,7 +201,8 @@ def bench_train(name: str, device, args):
     from sftok.objectives import Stage3Loss, stage1_loss, stage2_loss
     from sftok.optim import build_adamw
     B = args.train_batch
-    print(f"\n[train step] batch {B}, {args.train_repeats} interleaved repeats (+1 warm-up step); "
+    print(f"\n[train step] batch {B}, {args.train_repeats} interleaved repeats "
+          f"({'+1 warm-up step' if not args.no_warmup else 'no warm-up step'}); "
           "forward + backward + AdamW")
     x = torch.rand(B, 3, 256, 256, generator=torch.Generator().manual_seed(4)).to(device)
     codes = torch.randint(0, 1024, (B, 256), generator=torch.Generator().manual_seed(5)).to(device)
@@ -244,7 +253,7 @@ def bench_train(name: str, device, args):
         base_t, base_loss = results[0]
         for v, (t, first) in zip(variants, results):
             report(f"{stage}: {v['name']}", t, base_t, B, train_gflop(model, stage),
-                   f"first-step loss {first:.5f} (baseline {base_loss:.5f})")
+                   f"first-step loss {first:.5f} (baseline {base_loss:.5f})", cpu=v.get("cpu_s"))
         del model, opt, stage3
 
 

@@ -284,3 +284,14 @@ def test_unknown_model_name():
     with pytest.raises(sftok.ConfigError, match="unknown ModelConfig"):
         sftok.create_model("sftok_tiny", widht=3)
     assert "sftok_b64" in sftok.list_models() and "sftok_tiny_stage12" in sftok.list_models()
+
+
+def test_inference_dtype_bf16_keeps_quantizer_fp32(images):
+    torch.manual_seed(0)
+    model = sftok.create_model("sftok_tiny_stage12").eval().inference_dtype(torch.bfloat16)
+    assert model.quantize.embedding.dtype == torch.float32
+    assert model.decoder.ln_pre.weight.dtype == torch.bfloat16 and model.latent_tokens.dtype == torch.bfloat16
+    tokens = model.encode(images[:1])
+    assert tokens.dtype == torch.long and tokens.shape == (1, 64)
+    res = model.decode(tokens, 2, 0.0)
+    assert res.logits.dtype == torch.float32 and (res.ids < 1024).all()
