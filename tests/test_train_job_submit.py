@@ -6,6 +6,7 @@ runs, a final ``ray stop --force`` is allowed as a safety net."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,6 +67,7 @@ def head():
         yield {"address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
         stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
