@@ -21,7 +21,8 @@ def env(tmp_path_factory):
     from sftok.maskgit_vqgan import MaskGITVQGAN
     from sftok_platform.data import prepare_synthetic
     root = tmp_path_factory.mktemp("resume")
-    ray.init(address="local", num_cpus=4, include_dashboard=True, logging_level="warning")
+    from sftok_platform.cluster import connect
+    connect(None, num_cpus=4)          # a private local Ray with its dashboard pinned (Train V2 state API)
     shards = root / "shards"
     prepare_synthetic(shards, 32, num_val=8, image_size=64, quiet=True)
     torch.manual_seed(0)
