@@ -279,7 +279,10 @@ def test_interrupted_sweep_resumes(env, tmp_path):
                 if done:
                     first = done[0]
                     second = next(k for k in keys if k != first)
-                    if list((sweep_runs / second / "ray").glob("*-stage2/step_*")):
+                    # a checkpoint counts once Train V2 has recorded it in its snapshot (the step dir alone
+                    # appears earlier; a kill in between leaves nothing to resume from)
+                    snaps = list((sweep_runs / second / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
+                    if snaps and "step_" in snaps[0].read_text():
                         break
                 time.sleep(0.5)
         finally:
