@@ -260,7 +260,8 @@ def bench_train(name: str, device, args):
 def bench_assignment(device, args):
     """How often the official batch-coupled Sinkhorn tokens differ from batch-independent ones."""
     print("\n[assignment] tokens that differ between assignment='batch' (official) and 'per_image'")
-    ref = Path("/work/shared/reference")
+    ref = Path(__file__).resolve().parents[2] / "shared" / "reference"
+    ref = ref if ref.is_dir() else Path("/work/shared/reference")
     if (ref / "model_tiny.safetensors").exists():
         from safetensors.torch import load_file
         model = sftok.from_official(ref / "model_tiny.safetensors", ref / "config_tiny_stage3.yaml").to(device)

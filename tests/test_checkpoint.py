@@ -15,7 +15,7 @@ from sftok.convert import main as convert_main
 from sftok.maskgit_vqgan import MaskGITVQGAN, load_teacher
 from sftok.registry import model_config
 
-REF = Path("/work/shared/reference")
+from shared_paths import REF  # noqa: E402  (../shared beside the repo, as in CI)
 
 
 @pytest.fixture(scope="module")

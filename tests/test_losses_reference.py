@@ -15,7 +15,7 @@ from sftok.config import LossConfig
 from sftok.masking import arccos_mask, decoder_input_ids, replacement_draw
 from sftok.objectives import Stage3Loss, stage1_loss, stage2_loss
 
-REF = Path("/work/shared/reference")
+from shared_paths import REF  # noqa: E402  (../shared beside the repo, as in CI)
 pytestmark = pytest.mark.skipif(not (REF / "outputs.safetensors").exists(), reason="reference bundle missing")
 MASK_ID = 1024
 

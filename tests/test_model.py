@@ -12,7 +12,8 @@ from sftok.decoding import masked_after_step, multistep_decode
 from sftok.maskgit_vqgan import MaskGITVQGAN, ResnetBlock
 from sftok.quantizer import OptVQ, sinkhorn
 
-KEYS_TSV = Path("/work/shared/official_checkpoint_keys_b64.tsv")
+from shared_paths import SHARED  # noqa: E402  (../shared beside the repo, as in CI)
+KEYS_TSV = SHARED / "official_checkpoint_keys_b64.tsv"
 
 
 def n_params(module):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import sftok
 
-REF = Path("/work/shared/reference")
+from shared_paths import REF  # noqa: E402  (../shared beside the repo, as in CI)
 pytestmark = pytest.mark.skipif(not (REF / "outputs.safetensors").exists(), reason="reference bundle missing")
 
 
