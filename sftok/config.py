@@ -67,6 +67,8 @@ class TeacherConfig:
     hidden_channels: int = 128
     codebook_size: int = 1024
     z_channels: int = 256
+    # stage 0 only: restart unused codes during this fraction of the steps (0 = never; sftok.dead_codes)
+    dead_code_restart_until: float = 0.8
 
 
 @dataclass
@@ -250,6 +252,9 @@ class Config:
         if m.teacher_codebook_size != self.teacher.codebook_size:
             raise ConfigError(f"model.teacher_codebook_size={m.teacher_codebook_size} differs from "
                               f"teacher.codebook_size={self.teacher.codebook_size}; set both to the same value.")
+        if not 0.0 <= self.teacher.dead_code_restart_until <= 1.0:
+            raise ConfigError(f"teacher.dead_code_restart_until={self.teacher.dead_code_restart_until} is a "
+                              "fraction of the stage-0 steps: use a value in [0, 1] (0 turns restarts off).")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16.")
         if self.train.workers < 1:

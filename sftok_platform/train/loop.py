@@ -272,7 +272,9 @@ def train_loop_per_worker(config: dict) -> None:
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             ema.update(model)
-            aux_metrics = parts.aux_step(aux_module, images, step) if aux_module is not None else {}
+            aux_metrics = parts.post_step(step, ema)
+            if aux_module is not None:
+                aux_metrics.update(parts.aux_step(aux_module, images, step))
             for k, v in aux_metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)

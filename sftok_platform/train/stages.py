@@ -50,6 +50,7 @@ class StageParts:
     aux_step_fn: Optional[Callable] = None
     aux_state_fn: Optional[Callable[[], dict]] = None
     aux_load_fn: Optional[Callable[[dict], None]] = None
+    post_step_fn: Optional[Callable] = None            # (step, ema) -> metrics, on every rank after each update
     notes: dict = field(default_factory=dict)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -57,6 +58,9 @@ class StageParts:
 
     def aux_step(self, wrapped: nn.Module, images: torch.Tensor, step: int) -> dict:
         return self.aux_step_fn(wrapped, images, step) if self.aux_step_fn else {}
+
+    def post_step(self, step: int, ema) -> dict:
+        return self.post_step_fn(step, ema) if self.post_step_fn else {}
 
     def aux_state(self) -> dict:
         return self.aux_state_fn() if self.aux_state_fn else {}
@@ -147,10 +151,28 @@ def _token_val(model: SFTok, teacher: MaskGITVQGAN, images: torch.Tensor, steps:
 # ######################################################################################################
 
 def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
+    from sftok.dead_codes import DeadCodeRestart
     from sftok.objectives import stage0_loss
     t = cfg.teacher
     teacher = MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels).to(device)
     qw = cfg.stage0.quantizer_weight
+
+    # dead-code restart (sftok.dead_codes): the quantizer's input and ids of the last training forward
+    restart = DeadCodeRestart(t.codebook_size, seed=cfg.train.seed)
+    restart_steps = int(t.dead_code_restart_until * cfg.stage0.steps)
+    last: dict = {}
+    teacher.quantize.register_forward_hook(
+        lambda module, args, out: last.update(h=args[0].detach(), ids=out[1].detach()))
+
+    def post_step(step, ema) -> dict:
+        if step >= restart_steps or "h" not in last:
+            return {}
+        h = last.pop("h")
+        dead = restart(teacher.quantize.embedding, h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]),
+                       last.pop("ids"), step)
+        if dead.numel():       # the exported EMA must not average a restarted row with the dead one
+            ema.shadow["quantize.embedding.weight"][dead] = teacher.quantize.embedding.weight[dead].float()
+        return {"restarted_codes": float(dead.numel())}
 
     def loss(model, images, step):
         return stage0_loss(model, images, quantizer_weight=qw)
@@ -168,7 +190,9 @@ def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
 
     return StageParts(model=teacher, step_module=_LossModule(teacher, loss),
                       codes=lambda images: teacher.encode_codes(images), codebook_size=t.codebook_size,
-                      export=export, val_metrics=val, grid_rows=rows)
+                      export=export, val_metrics=val, grid_rows=rows, post_step_fn=post_step,
+                      aux_state_fn=lambda: {"dead_code_restart": restart.state_dict()},
+                      aux_load_fn=lambda state: restart.load_state_dict(state["dead_code_restart"]))
 
 
 def build_stage12(stage: str, cfg: Config, inputs: dict, device) -> StageParts:
