@@ -44,9 +44,21 @@ def connect(cfg: Optional[Config] = None, *, num_cpus: Optional[int] = None, qui
             port = free_port()
             api = f"http://127.0.0.1:{port}"
             kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                          runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api}})
+                          runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api,
+                                                    "PYTHONPATH": _pythonpath_with_project()}})
         ray.init(address=address, **kwargs)
     return dict(ray.cluster_resources())
+
+
+def _pythonpath_with_project() -> str:
+    """PYTHONPATH for local workers with this project's root first, so that an entry script run from a
+    clone without ``pip install -e .`` works in the workers too (they do not inherit the driver's sys.path)."""
+    from pathlib import Path
+
+    import sftok
+    root = str(Path(sftok.__file__).resolve().parent.parent)
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return os.pathsep.join([root, *rest])
 
 
 def free_port() -> int:

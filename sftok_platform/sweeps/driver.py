@@ -492,14 +492,21 @@ def _fits(resources: dict, per_trial: dict, spare_cpus: float = 0.0) -> int:
 
 
 def _close_stopped_trials(cfg: Config, parent: str, rows: list[dict]) -> None:
-    """Trial runs whose trial was stopped (ASHA), interrupted or crashed are still RUNNING in MLflow: close
-    them (KILLED / FAILED); a resumed sweep reopens them."""
+    """Give each trial run the status Tune decided, which the trial cannot know for itself.
+
+    Runs of trials that ASHA stopped, or that an interrupted sweep left behind, are still RUNNING: they
+    become KILLED, and crashed ones become FAILED. A trial that ASHA stops can also get far enough through
+    its own ``except`` block to mark its run FAILED before its actor dies. Tune's verdict ("stopped early")
+    overrides that, so a stopped trial never shows as a crash. A resumed sweep reopens the runs.
+    """
     uri = tracking.tracking_uri(cfg)
     for key, run in runs.trial_runs(cfg, parent).items():
-        if run.info.status == "RUNNING":
-            row = next((r for r in rows if r.get("trial_key") == key), {})
-            status = "FAILED" if row.get("status") == "error" else "KILLED"
-            tracking.client(uri).set_tag(run.info.run_id, "sftok.trial_status", row.get("status", "unknown"))
+        row = next((r for r in rows if r.get("trial_key") == key), {})
+        verdict = row.get("status", "unknown")
+        stopped_marked_failed = run.info.status == "FAILED" and verdict == "stopped early"
+        if run.info.status == "RUNNING" or stopped_marked_failed:
+            status = "FAILED" if verdict == "error" else "KILLED"
+            tracking.client(uri).set_tag(run.info.run_id, "sftok.trial_status", verdict)
             runs.end_run(uri, run.info.run_id, status)
 
 
