@@ -148,6 +148,7 @@ class EvalConfig:
     max_images: int = 0                 # 0 = the whole split
     batch_size: int = 32
     inception_weights: str = ""         # pt_inception-2015-12-05-6726825d.pth; empty = random (not comparable)
+    stage_val_images: int = 16          # val images of the quick check that ends each training stage (sweeps read it)
 
 
 @dataclass
@@ -255,6 +256,9 @@ class Config:
         if not 0.0 <= self.teacher.dead_code_restart_until <= 1.0:
             raise ConfigError(f"teacher.dead_code_restart_until={self.teacher.dead_code_restart_until} is a "
                               "fraction of the stage-0 steps: use a value in [0, 1] (0 turns restarts off).")
+        if self.eval.stage_val_images < 1:
+            raise ConfigError(f"eval.stage_val_images={self.eval.stage_val_images}: the end-of-stage check needs "
+                              "at least 1 validation image.")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16.")
         if self.train.workers < 1:

@@ -522,7 +522,8 @@ def _notes(cfg: Config, kind: str, evaluation: str) -> list[str]:
                      f"stage1_fraction; global batch {cfg.stage2.global_batch_size}. Optuna maximises "
                      f"{reporting.objective(cfg)[0]}; ASHA stops on the training loss at equal steps.")
     if evaluation == "val":
-        notes.append("Metric: validation of the stage-2 EMA model on the val split: val CE = 1-step cross-entropy "
+        notes.append(f"Metric: validation of the stage-2 EMA model on {cfg.eval.stage_val_images} images of the val "
+                     "split (eval.stage_val_images): val CE = 1-step cross-entropy "
                      "against the teacher codes; PSNR / token accuracy after n-step deterministic decoding "
                      "through the teacher decoder. No rFID (run with --evaluation full for rFID).")
     return notes

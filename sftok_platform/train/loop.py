@@ -365,7 +365,7 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
     parts.export(ema_model, paths.export)
     out: dict = {}
     val = ray.train.get_dataset_shard("val")
-    limit = min(cfg.eval.max_images or 16, 16)     # a quick check; the full evaluation is sftok_platform.evaluate
+    limit = cfg.eval.stage_val_images     # a quick check; the full evaluation is sftok_platform.evaluate
     sums: dict[str, float] = {}
     n_img = 0
     first = None
