@@ -134,10 +134,10 @@ class TrainConfig:
     seed: int = 42
     log_every: int = 10
     checkpoint_every: int = 100
-    image_every: int = 0                # 0 = only at the end of a stage
+    image_every: int = 0                # image grids to MLflow every N steps; 0 = only at the end of a stage
     max_failures: int = 2
     num_to_keep: int = 2
-    compile: bool = False
+    compile: bool = False               # torch.compile the trained model's forward (nn.Module.compile, in place)
 
 
 @dataclass

@@ -34,7 +34,7 @@ def test_full_pipeline_two_workers(tmp_path, ray_local):
         *[f"stage{i}.steps={steps}" for i in range(4)], *[f"stage{i}.global_batch_size=4" for i in range(4)],
         *[f"stage{i}.warmup_steps=1" for i in range(4)], "losses.discriminator_start=1",
         "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=8", "eval.batch_size=4",
-        "eval.steps=[1,2]", "tracking.system_metrics=false"])
+        "eval.steps=[1,2]", "tracking.system_metrics=false", "train.image_every=2"])
     lines: list[str] = []
     result = run_pipeline(cfg, echo=lines.append)
 
@@ -58,6 +58,9 @@ def test_full_pipeline_two_workers(tmp_path, ray_local):
         assert [m.step for m in c.get_metric_history(res.run_id, "loss")] == [1, 2, 3]
         artifacts = {a.path for a in c.list_artifacts(res.run_id)}
         assert {"images", "export"} <= artifacts, (stage, artifacts)
+        grids = {a.path for a in c.list_artifacts(res.run_id, "images")}
+        assert f"images/{stage}_recon_step0000002.png" in grids, grids       # train.image_every=2
+        assert f"images/{stage}_recon_step0000003.png" in grids, grids       # the EMA grid at the end
     stage3 = state   # the last loop iteration: stage 3 keeps the discriminator and its optimizer
     assert set(stage3["aux"]) == {"loss", "d_optimizer"} and "discriminator" in stage3["aux"]["loss"]
 

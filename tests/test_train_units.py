@@ -227,7 +227,7 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
     if parts.aux_module is not None:                 # stage 3: the discriminator step trains D's heads
         d_before = {k: v.clone() for k, v in parts.aux_module.state_dict().items()}
         d_metrics = parts.aux_step(parts.aux_module, images, 0)
-        assert np.isfinite(d_metrics["d_loss"])
+        assert np.isfinite(d_metrics["d_loss"]) and np.isfinite(d_metrics["d_grad_norm"])
         assert any(not torch.equal(d_before[k], v) for k, v in parts.aux_module.state_dict().items())
         state = parts.aux_state()
         assert set(state) == {"loss", "d_optimizer"} and "ema_real_logits" in state["loss"]

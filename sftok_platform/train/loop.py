@@ -195,6 +195,10 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     parts: StageParts = build_stage(stage, cfg, config["inputs"], device)
+    if cfg.train.compile:
+        # nn.Module.compile compiles forward in place: parameter names, the EMA and checkpoints are unchanged,
+        # and the uncompiled methods (encode, multi-step decode in validation) keep running eagerly
+        parts.model.compile()
     seed_everything(cfg.train.seed + 1000 * rank)   # then per-rank streams (masks, augmentation)
     model = parts.model
     optimizer = build_optimizer(model, st)
@@ -307,6 +311,9 @@ def train_loop_per_worker(config: dict) -> None:
                 report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                 sums, n_sum = {}, 0
                 t_window, steps_window = time.perf_counter(), 0
+            every = cfg.train.image_every
+            if rank == 0 and every and done % every == 0 and not last:
+                _log_progress_grid(parts, log, stage, images, done)
             if last:
                 report.update(_finish_stage(parts, ema, cfg, stage, paths, log, rank, device,
                                             time.perf_counter() - t_start, done - start_step))
@@ -345,6 +352,15 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
         ckpt.save_state(d, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"step_{step:07d}")
+
+
+def _log_progress_grid(parts: StageParts, log: StageLogger, stage: str, images: torch.Tensor, step: int) -> None:
+    """Rank 0, every ``train.image_every`` steps: originals vs reconstructions of the online model (the EMA
+    grid is logged at the end of the stage), as MLflow images under the same key with the step."""
+    parts.model.eval()
+    with torch.no_grad():
+        rows, labels = parts.grid_rows(parts.model, images[:4].float())
+    log.image_grid(rows, labels, f"{stage}_recon", step=step)
 
 
 def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: ckpt.StagePaths,

@@ -251,6 +251,9 @@ def build_stage3(cfg: Config, inputs: dict, device) -> StageParts:
         try:
             d_loss, metrics = losses.discriminator_loss(images, last["recon"])
             d_loss.backward()
+            # clipped like the generator (global norm train.grad_clip), as the TiTok-derived official loop does
+            d_params = [p for p in unwrap_model(wrapped).parameters() if p.requires_grad]
+            metrics = {**metrics, "d_grad_norm": float(torch.nn.utils.clip_grad_norm_(d_params, cfg.train.grad_clip))}
             d_opt.step()
             d_opt.zero_grad(set_to_none=True)
         finally:
