@@ -322,7 +322,7 @@ def generator_train_loop(config: dict) -> None:
     from sftok_platform.tracking import StageLogger
     from sftok_platform.train import checkpointing as ckpt
     from sftok_platform.train.loop import (all_reduce_mean, autocast_dtype, config_from_dict, fmt_eta,
-                                           maybe_fail, seed_everything)
+                                           maybe_fail, say, seed_everything)
 
     cfg = config_from_dict(config["cfg"])
     g = cfg.generator
@@ -357,7 +357,7 @@ def generator_train_loop(config: dict) -> None:
                       system_metrics=config["tracking"].get("system_metrics", True))
     if rank == 0:
         ckpt.journal(paths, event="start", step=start, resumed=checkpoint is not None, world_size=world)
-        print(f"[stage4] {'resuming at step ' + str(start) if checkpoint else 'starting'}: {g.steps} steps, "
+        say(f"[stage4] {'resuming at step ' + str(start) if checkpoint else 'starting'}: {g.steps} steps, "
               f"global batch {g.global_batch_size} = {world} x {micro}, generator "
               f"{sum(p.numel() for p in model.parameters()):,} params", flush=True)
     batches = _token_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
@@ -396,7 +396,7 @@ def generator_train_loop(config: dict) -> None:
                 if rank == 0:
                     log.metrics(avg, step=done)
                     eta = (g.steps - done) * elapsed / max(steps_win, 1)
-                    print(f"[stage4] step {done}/{g.steps} loss {avg['loss']:.4f} acc "
+                    say(f"[stage4] step {done}/{g.steps} loss {avg['loss']:.4f} acc "
                           f"{avg['masked_accuracy']:.3f} lr {lr:.2e} ETA {fmt_eta(eta)}", flush=True)
                 report = {"step": done, **avg}
                 sums, n_sum, t_win, steps_win = {}, 0, time.perf_counter(), 0

@@ -197,7 +197,10 @@ def test_summary_table_lists_every_stage():
     res = PipelineResult("r", "/x", {"stage1": StageResult("stage1", "/x/e", {"val_loss": 1.5}, seconds=3)},
                          {"rfid": 12.0}, "p", "1", "models:/sftok@current", "sqlite:////x", 10.0)
     text = summary_table(res)
-    assert "stage1" in text and "1.5" in text and "rfid" in text
+    assert "stage1" in text and "1.5" in text and "rfid" in text and "Generator" not in text
+    res.generator_metrics = {"gfid_vs_val": 39.48, "inception_score": 1.0, "gfid_label": "gFID vs val (random Inception)"}
+    text = summary_table(res)
+    assert "Generator (stage 4; gFID vs val (random Inception))" in text and "39.48" in text
 
 
 # ------------------------------------------------------------------------------------------- one step per stage
@@ -242,3 +245,32 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
     assert parts.codes(images).max() < parts.codebook_size
     parts.export(parts.model, tmp_path / "out")
     assert any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_train_compile_keeps_names_and_the_eager_loss(tmp_path):
+    """train.compile: the trained model is compiled in place, its state_dict keys do not change, and a
+    compiled training step gives the eager step's loss and gradients."""
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    from sftok_platform.train.loop import maybe_compile
+    from sftok_platform.train.stages import build_stage
+    cfg = tiny(tmp_path, "train.compile=true")
+    t = MaskGITVQGAN(32, 1024, 256)
+    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=32, codebook_size=1024, z_channels=256)
+    images = torch.rand(4, 3, 64, 64)
+
+    def step(compiled: bool):
+        torch.manual_seed(0)
+        parts = build_stage("stage1", cfg, {"teacher": str(tmp_path / "teacher")}, torch.device("cpu"))
+        keys = list(parts.model.state_dict())
+        if compiled:
+            maybe_compile(parts.model, cfg)
+        assert list(parts.model.state_dict()) == keys
+        torch.manual_seed(1)
+        loss, _ = parts.step_module(images, 0)
+        loss.backward()
+        return loss.detach(), parts.model.latent_tokens.grad.clone()
+
+    eager, compiled = step(False), step(True)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)

@@ -150,6 +150,14 @@ def fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
+def maybe_compile(model: torch.nn.Module, cfg: Config) -> None:
+    """``train.compile``: ``nn.Module.compile`` compiles ``forward`` in place, so parameter names (EMA,
+    checkpoints, the next stage's init) are unchanged and the other methods (encode, the multi-step decode
+    of validation) keep running eagerly."""
+    if cfg.train.compile:
+        model.compile()
+
+
 def maybe_fail(debug: Optional[dict], step: int, rank: int) -> None:
     """Fault injection for the resume tests: fail after step k on one rank, once if a marker file is given."""
     if not debug or step != debug.get("fail_after_step") or rank != debug.get("fail_rank", 0):
@@ -195,10 +203,7 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
     parts: StageParts = build_stage(stage, cfg, config["inputs"], device)
-    if cfg.train.compile:
-        # nn.Module.compile compiles forward in place: parameter names, the EMA and checkpoints are unchanged,
-        # and the uncompiled methods (encode, multi-step decode in validation) keep running eagerly
-        parts.model.compile()
+    maybe_compile(parts.model, cfg)
     seed_everything(cfg.train.seed + 1000 * rank)   # then per-rank streams (masks, augmentation)
     model = parts.model
     optimizer = build_optimizer(model, st)

@@ -48,6 +48,7 @@ class PipelineResult:
     model_uri: str
     tracking_uri: str
     seconds: float
+    generator_metrics: dict = field(default_factory=dict)     # stage 4 (--with-generator): gFID, IS, ...
 
 
 def run_dir(cfg: Config) -> Path:
@@ -296,14 +297,15 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
             c = tracking.client(cfg)
             c.set_tag(parent, "sftok.model_uri", uri)
             c.set_tag(parent, "sftok.model_version", version)
+        generator_metrics: dict = {}
         if want_generator and final_stage is not None:
-            _generator(cfg, results[final_stage].checkpoint_dir, shards, parent, echo)
+            generator_metrics = _generator(cfg, results[final_stage].checkpoint_dir, shards, parent, echo)
         tracking.end_run(cfg, parent, "FINISHED")
     except BaseException:
         tracking.end_run(cfg, parent, "FAILED")
         raise
     result = PipelineResult(cfg.run.name, str(rdir), results, eval_metrics, parent, version, uri,
-                            tracking.tracking_uri(cfg), time.time() - t0)
+                            tracking.tracking_uri(cfg), time.time() - t0, generator_metrics)
     echo(summary_table(result))
     echo(f"\nMLflow UI:  {tracking.ui_command(cfg)}")
     if uri:
@@ -349,14 +351,16 @@ def _flatten_numbers(d: Any, prefix: str = "") -> dict:
     return out
 
 
-def _generator(cfg: Config, tokenizer_dir: str, shards: str, parent: str, echo) -> None:
+def _generator(cfg: Config, tokenizer_dir: str, shards: str, parent: str, echo) -> dict:
     try:
         from sftok_platform.generator_stage import run_stage4
     except ImportError as e:
         raise ConfigError(f"--with-generator needs sftok_platform.generator_stage ({e}).") from None
     echo("[pipeline] stage4 (generator): starting")
-    metrics = run_stage4(cfg, tokenizer_dir, shards, parent)
-    tracking.log_summary_metrics(cfg, parent, {f"stage4/{k}": v for k, v in (metrics or {}).items()})
+    metrics = run_stage4(cfg, tokenizer_dir, shards, parent) or {}
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tracking.log_summary_metrics(cfg, parent, {f"stage4/{k}": v for k, v in numbers.items()})
+    return metrics
 
 
 def summary_table(result: PipelineResult) -> str:
@@ -378,6 +382,13 @@ def summary_table(result: PipelineResult) -> str:
         lines.append("\nEvaluation of the final model (all figures: eval_metrics.json and the MLflow eval run):")
         for k, v in sorted(headline.items()):
             lines.append(f"  {k:<20} {_fmt(v)}")
+    g = result.generator_metrics
+    if g:
+        lines.append(f"\nGenerator (stage 4; {g.get('gfid_label', 'gFID')}):")
+        for k in ("gfid", "gfid_vs_val", "inception_score", "num_samples", "train_loss", "train_seconds",
+                  "sample_seconds"):
+            if k in g:
+                lines.append(f"  {k:<20} {_fmt(g[k])}")
     return "\n".join(lines)
 
 
