@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -109,15 +110,21 @@ def test_ensure_dataset(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["data.synthetic_images=20", "data.synthetic_val_images=10", "run.root=runs"])
     path = ensure_dataset(cfg)
-    assert path == str(tmp_path / "runs" / "data" / "synthetic")       # relative run root made absolute
+    first = tmp_path / "runs" / "data" / "synthetic-20+10-seed0-64px"
+    assert path == str(first)                                           # relative run root made absolute
     assert load_manifest(path)["counts"] == {"train": 20, "val": 10}
-    mtime = (tmp_path / "runs/data/synthetic/manifest.json").stat().st_mtime_ns
+    mtime = (first / "manifest.json").stat().st_mtime_ns
     assert ensure_dataset(cfg) == path                                  # complete: reused as is
-    assert (tmp_path / "runs/data/synthetic/manifest.json").stat().st_mtime_ns == mtime
+    assert (first / "manifest.json").stat().st_mtime_ns == mtime
 
-    cfg.data.synthetic_images = 21
-    with pytest.raises(DataError, match="synthetic_images"):
-        ensure_dataset(cfg)                                             # refused before any work
+    cfg.data.synthetic_images = 21                                      # another size: its own set, beside
+    other = ensure_dataset(cfg)
+    assert other == str(tmp_path / "runs" / "data" / "synthetic-21+10-seed0-64px")
+    assert load_manifest(other)["counts"] == {"train": 21, "val": 10}
+    assert (first / "manifest.json").stat().st_mtime_ns == mtime
+    (Path(other) / "manifest.json").write_text((first / "manifest.json").read_text())
+    with pytest.raises(DataError, match="another version of the synthetic renderer"):
+        ensure_dataset(cfg)                                             # a set that is not what its name says
     cfg.data.path = shards
     assert ensure_dataset(cfg) == shards
     cfg.data.path = str(tmp_path / "missing")

@@ -305,3 +305,17 @@ def test_interrupted_sweep_resumes(env, tmp_path):
     assert sorted(runs.trial_runs(cfg, res.parent_run_id)) == sorted(keys)         # same MLflow runs
     with open(res.report_files["csv"]) as f:
         assert len(list(csv.DictReader(f))) == 2
+
+
+def test_a_trial_that_cannot_fit_is_refused_before_any_work():
+    """On a 2-CPU cluster a trial (0.25 driver + 1 worker) leaves no CPU for Ray Data's readers: it would
+    wait for data forever, so the sweep refuses to start and says how to fix it."""
+    from sftok.config import ConfigError, load_config
+    from sftok_platform.sweeps.driver import check_trial_fits
+    cfg = load_config("tiny")
+    with pytest.raises(ConfigError, match=r"needs 2.25 CPUs.*has 2.*--num-cpus 3"):
+        check_trial_fits({"CPU": 2.0}, cfg, 0.25)
+    check_trial_fits({"CPU": 4.0}, cfg, 0.25)
+    gpu = load_config("tiny", ["train.gpu=true", "train.workers=2"])
+    with pytest.raises(ConfigError, match="needs 2 GPUs"):
+        check_trial_fits({"CPU": 16.0, "GPU": 1.0}, gpu, 0.25)

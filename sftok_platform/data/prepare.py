@@ -423,7 +423,9 @@ def ensure_dataset(cfg) -> str:
     """The shards dir for a pipeline run (``cfg``: ``sftok.config.Config``).
 
     ``cfg.data.path`` set: it must hold a complete manifest (else a ``DataError`` saying which command makes
-    it). Empty: the synthetic set under ``<cfg.run.root>/data/synthetic`` is made, or reused when complete.
+    it). Empty: the synthetic set under ``<cfg.run.root>/data/synthetic-<train>+<val>-seed<s>-<size>px`` is made,
+    or reused when complete. The name carries what defines the set, so runs and sweeps with other sizes
+    under the same root get their own set instead of a refusal.
     """
     if cfg.data.path:
         path = cfg.data.path if is_remote(cfg.data.path) else str(Path(cfg.data.path).expanduser().resolve())
@@ -433,11 +435,13 @@ def ensure_dataset(cfg) -> str:
         raise DataError(f"run.root={cfg.run.root} is object storage; the built-in synthetic set needs a local or "
                         f"NFS path: prepare it (`python -m sftok_platform.data prepare --synthetic "
                         f"{cfg.data.synthetic_images} --out DIR`) and set data.path=DIR.")
-    out = Path(cfg.run.root).expanduser().resolve() / "data" / "synthetic"
+    d = cfg.data
+    name = f"synthetic-{d.synthetic_images}+{d.synthetic_val_images}-seed{d.seed}-{cfg.model.image_size}px"
+    out = Path(cfg.run.root).expanduser().resolve() / "data" / name
     try:
         prepare_synthetic(out, cfg.data.synthetic_images, num_val=cfg.data.synthetic_val_images,
                           seed=cfg.data.seed, image_size=cfg.model.image_size, quiet=True)
     except DataError as e:
-        raise DataError(f"{e} (data.synthetic_images / synthetic_val_images / seed differ from the set already "
-                        f"made in {out}: restore them, delete {out}, or use another run.root)") from None
+        raise DataError(f"{e} ({out} was made by another version of the synthetic renderer: delete it, or use "
+                        f"another run.root)") from None
     return str(out)

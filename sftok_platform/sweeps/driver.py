@@ -369,6 +369,8 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
         echo(f"[sweep] nothing to resume in {tune_path}; starting sweep {name!r} afresh")
     resources = init_ray(num_cpus=num_cpus)
     base = sweep_config(cfg, sweep_dir)
+    if kind != "decode-steps":
+        check_trial_fits(resources, base, driver_cpus)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     base.save(sweep_dir / "config.yaml")
     uri = tracking.tracking_uri(base)
@@ -481,6 +483,28 @@ class _OptunaSearch(OptunaSearch):
         if result and isinstance(result.get(self.metric), float) and math.isnan(result[self.metric]):
             result = {k: v for k, v in result.items() if k != self.metric}
         super().on_trial_complete(trial_id, result, error)
+
+
+def check_trial_fits(resources: dict, cfg: Config, driver_cpus: float) -> None:
+    """Refuse, before any work, a training sweep whose one trial cannot run on this cluster.
+
+    A trial holds its driver's CPUs and its Train workers' CPUs for its whole life, and the workers' Ray
+    Data readers need at least one more free CPU. Without it the trial waits for data forever. This was seen
+    on a 2-CPU head with ``ray job submit``.
+    """
+    t = cfg.train
+    need = driver_cpus + t.workers * t.cpus_per_worker + 1.0
+    have = float(resources.get("CPU", 0))
+    if have < need:
+        raise ConfigError(
+            f"one training trial needs {need:g} CPUs: {driver_cpus:g} for the trial driver (--driver-cpus) + "
+            f"{t.workers} x {t.cpus_per_worker} for the Train workers (--workers, train.cpus_per_worker) + 1 for "
+            f"Ray Data's readers. This cluster has {have:g}. Give Ray more logical CPUs (e.g. `ray start --head "
+            f"--num-cpus {math.ceil(need)}`; a local Ray started by the sweep gets the cores + 2), or lower "
+            f"--driver-cpus or the workers.")
+    if t.gpu and float(resources.get("GPU", 0)) < t.workers:
+        raise ConfigError(f"one training trial needs {t.workers} GPUs (--workers {t.workers} --gpu); this cluster "
+                          f"has {resources.get('GPU', 0):g}. Use fewer workers or add GPU nodes.")
 
 
 def _fits(resources: dict, per_trial: dict, spare_cpus: float = 0.0) -> int:
