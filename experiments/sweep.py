@@ -16,6 +16,7 @@ Search (Optuna over replace_prob, unmasked-token weight, lr and the share of a f
 ``stage1.steps + stage2.steps`` spent in stage 1; ASHA stops weak trials early)::
 
     python experiments/sweep.py search --preset tiny --trials 16
+    python experiments/sweep.py search --preset tiny --trials 16 --objective val_loss   # when PSNR is flat
 
 Every sweep ends with a table shaped like the paper's (printed, ``<root>/sweeps/<name>/report/summary.md``
 and ``summary.csv``), plots (metric vs replacement ratio, metric vs decoding steps) and a parent MLflow run
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--no-asha", action="store_true", help="run every trial to the end")
     se.add_argument("--grace-steps", type=int, default=None, help="ASHA grace period in steps (default budget/4)")
     se.add_argument("--seed", type=int, default=0, help="Optuna sampler seed")
+    se.add_argument("--objective", default=None, metavar="VAL_METRIC",
+                    help="what Optuna optimises (eval.search_objective): val_loss (min) or val_psnr_8step, "
+                         "val_accuracy_8step, ... (max); default PSNR at the largest eval step")
     se.add_argument("--fix", action="append", default=[], metavar="KNOB=VALUE",
                     help="pin a knob, e.g. --fix stage1_fraction=0 (knobs: replace_prob, unmasked_weight, lr, "
                          "stage1_fraction)")
@@ -133,6 +137,8 @@ def config_from_args(args: argparse.Namespace):
         overrides.append(f"run.root={args.root}")
     if args.tracking_uri is not None:
         overrides.append(f"tracking.uri={args.tracking_uri}")
+    if getattr(args, "objective", None):
+        overrides.append(f"eval.search_objective={args.objective}")
     overrides += list(args.set) + list(args.overrides)
     return load_config(args.config or args.preset or "tiny", overrides)
 

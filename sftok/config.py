@@ -149,6 +149,7 @@ class EvalConfig:
     batch_size: int = 32
     inception_weights: str = ""         # pt_inception-2015-12-05-6726825d.pth; empty = random (not comparable)
     stage_val_images: int = 16          # val images of the quick check that ends each training stage (sweeps read it)
+    search_objective: str = ""          # sweep.py search: val_* figure Optuna optimises; "" = val_psnr_<max steps>step
 
 
 @dataclass
@@ -256,6 +257,10 @@ class Config:
         if not 0.0 <= self.teacher.dead_code_restart_until <= 1.0:
             raise ConfigError(f"teacher.dead_code_restart_until={self.teacher.dead_code_restart_until} is a "
                               "fraction of the stage-0 steps: use a value in [0, 1] (0 turns restarts off).")
+        if self.eval.search_objective and not self.eval.search_objective.startswith("val_"):
+            raise ConfigError(f"eval.search_objective={self.eval.search_objective!r}: name a figure of the stage-2 "
+                              "validation, e.g. val_loss (minimised) or val_psnr_8step / val_accuracy_8step "
+                              "(maximised).")
         if self.eval.stage_val_images < 1:
             raise ConfigError(f"eval.stage_val_images={self.eval.stage_val_images}: the end-of-stage check needs "
                               "at least 1 validation image.")

@@ -319,3 +319,21 @@ def test_a_trial_that_cannot_fit_is_refused_before_any_work():
     gpu = load_config("tiny", ["train.gpu=true", "train.workers=2"])
     with pytest.raises(ConfigError, match="needs 2 GPUs"):
         check_trial_fits({"CPU": 16.0, "GPU": 1.0}, gpu, 0.25)
+
+
+def test_search_objective_from_the_command_line():
+    """--objective picks what Optuna optimises; loss-like figures are minimised, a typo is refused."""
+    from sftok.config import ConfigError, load_config
+    from sftok_platform.sweeps.report import objective
+    assert objective(load_config("tiny")) == ("val_psnr_8step", "max")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    args = sweep.build_parser().parse_args(["search", "--objective", "val_loss", "--trials", "2"])
+    assert objective(sweep.config_from_args(args)) == ("val_loss", "min")
+    args = sweep.build_parser().parse_args(["search", "--objective", "val_accuracy_8step"])
+    assert objective(sweep.config_from_args(args)) == ("val_accuracy_8step", "max")
+    with pytest.raises(ConfigError, match="search_objective"):
+        load_config("tiny", ["eval.search_objective=psnr"])

@@ -26,8 +26,11 @@ METRICS = {
 
 
 def objective(cfg: Config) -> tuple[str, str]:
-    """The search objective: PSNR after the largest configured number of decoding steps (maximised)."""
-    return f"val_psnr_{max(cfg.eval.steps)}step", "max"
+    """The search objective and its direction. ``eval.search_objective`` names a ``val_*`` figure of the
+    stage-2 validation (``val_loss`` / ``val_ce*`` are minimised, anything else maximised); empty means PSNR
+    after the largest configured number of decoding steps, maximised."""
+    key = cfg.eval.search_objective or f"val_psnr_{max(cfg.eval.steps)}step"
+    return key, ("min" if key.startswith(("val_loss", "val_ce")) else "max")
 
 
 # ######################################################################################################
