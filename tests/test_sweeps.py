@@ -238,10 +238,12 @@ def test_asha_stops_a_trial_and_the_next_runs(env):
     trials = runs.trial_runs(cfg, res.parent_run_id)
     stopped = trials[bad["trial_key"]]
     # the stopped Train run's workers are released (Train V2 PG cleanup through the State API)
+    # (the cleaner works asynchronously: the groups and their CPUs come back within the deadline, not at once)
     deadline = time.time() + 90
     while True:
         live = [pg for pg in list_placement_groups() if pg.state not in ("REMOVED",)]
-        if not live or time.time() > deadline:
+        free = ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
+        if (not live and free) or time.time() > deadline:
             break
         time.sleep(2)
     assert not live, live
