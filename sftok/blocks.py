@@ -90,19 +90,22 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-def init_official_(module: nn.Module) -> None:
+def init_official_(module: nn.Module, std: float = 0.02) -> None:
     """``SFTok._init_weights``: trunc-normal(0.02) Linear/Conv/Embedding weights, zero biases, LN = 1/0.
+
+    ``std`` is 0.02 officially. At width 128 (the tiny preset) 0.02 makes the residual branches so small
+    that stage 1 barely moves in hundreds of steps; the tiny preset uses ~width^-0.5 (model.init_std).
 
     Applied (like the official code) to the encoder, decoder and latent queries before the quantizer and
     the pixel head exist. The packed attention projection is a raw parameter and keeps its xavier init.
     """
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            nn.init.trunc_normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
-            nn.init.trunc_normal_(m.weight, mean=0.0, std=0.02)
+            nn.init.trunc_normal_(m.weight, mean=0.0, std=std)
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)

@@ -54,6 +54,13 @@ class ModelConfig:
     pixel_head: bool = True             # stage 3 / inference layout: pixel_quantize + pixel_decoder
     pixel_hidden_channels: int = 128    # MaskGIT-VQGAN decoder width (tiny reference: 32)
     pixel_z_channels: int = 256
+    # pixel-head layout (sftok.maskgit_vqgan.VQGANArch); must equal the teacher's (teacher.* of the same name)
+    pixel_channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    pixel_num_res_blocks: int = 2
+    pixel_norm_groups: int = 32
+    pixel_shortcut: str = "output"
+    # std of the official trunc-normal init of the ViTs (0.02); the tiny preset uses width^-0.5 (README)
+    init_std: float = 0.02
 
 
 @dataclass
@@ -67,6 +74,12 @@ class TeacherConfig:
     hidden_channels: int = 128
     codebook_size: int = 1024
     z_channels: int = 256
+    # layout (sftok.maskgit_vqgan.VQGANArch): official f16 = 5 levels, 2 res blocks, GroupNorm(32), "output"
+    channel_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
+    num_res_blocks: int = 2
+    norm_groups: int = 32               # 0 = no normalisation
+    shortcut: str = "output"            # "output": the port's quirk (released weights) | "input": standard
+    init: str = "torch"                 # stage 0: "torch" default init | "scaled" (He + zero-init residual)
     # stage 0 only: restart unused codes during this fraction of the steps (0 = never; sftok.dead_codes)
     dead_code_restart_until: float = 0.8
 
@@ -230,6 +243,12 @@ class Config:
         path.write_text(self.to_yaml())
         return path
 
+    def teacher_arch(self):
+        """The teacher's :class:`sftok.maskgit_vqgan.VQGANArch` (the pixel head has the same one)."""
+        from sftok.maskgit_vqgan import VQGANArch
+        t = self.teacher
+        return VQGANArch(tuple(t.channel_mult), t.num_res_blocks, t.norm_groups, t.shortcut)
+
     def flat(self) -> dict[str, Any]:
         """Dotted ``section.key -> value`` pairs (MLflow params)."""
         return _flatten(self.to_dict())
@@ -245,10 +264,33 @@ class Config:
         if m.image_size % m.patch_size:
             raise ConfigError(f"model.image_size={m.image_size} is not a multiple of model.patch_size="
                               f"{m.patch_size}; pick sizes that divide.")
-        grid = (m.image_size // m.patch_size) ** 2
+        t = self.teacher
+        try:
+            arch = self.teacher_arch()
+        except ValueError as e:
+            raise ConfigError(f"teacher layout: {e}") from None
+        for key in ("channel_mult", "num_res_blocks", "norm_groups", "shortcut"):
+            if getattr(m, f"pixel_{key}") != getattr(t, key):
+                raise ConfigError(f"model.pixel_{key}={getattr(m, f'pixel_{key}')} differs from teacher.{key}="
+                                  f"{getattr(t, key)}: the stage-3 pixel head is initialised from the teacher "
+                                  "decoder, so set both to the same value.")
+        if m.pixel_hidden_channels != t.hidden_channels or m.pixel_z_channels != t.z_channels:
+            raise ConfigError(f"model.pixel_hidden_channels/pixel_z_channels={m.pixel_hidden_channels}/"
+                              f"{m.pixel_z_channels} differ from teacher.hidden_channels/z_channels="
+                              f"{t.hidden_channels}/{t.z_channels}; set them equal (the pixel head is the "
+                              "teacher decoder).")
+        f = arch.downsample_factor
+        if m.image_size % f:
+            raise ConfigError(f"model.image_size={m.image_size} is not a multiple of the teacher's downsampling "
+                              f"factor {f} (2^(len(teacher.channel_mult)-1)); change one of them.")
+        grid = (m.image_size // f) ** 2
         if m.num_proxy_codes != grid:
             raise ConfigError(f"model.num_proxy_codes={m.num_proxy_codes} must equal the teacher code grid "
-                              f"(image_size/patch_size)^2 = {grid}; set model.num_proxy_codes={grid}.")
+                              f"(image_size/{f})^2 = {grid}; set model.num_proxy_codes={grid}.")
+        if t.init not in ("torch", "scaled"):
+            raise ConfigError(f"teacher.init={t.init!r}: use 'torch' (default init) or 'scaled'.")
+        if not m.init_std > 0:
+            raise ConfigError(f"model.init_std={m.init_std} must be > 0 (official 0.02).")
         if m.assignment not in ("batch", "per_image"):
             raise ConfigError(f"model.assignment={m.assignment!r}: use 'batch' (official) or 'per_image'.")
         if m.teacher_codebook_size != self.teacher.codebook_size:

@@ -15,7 +15,7 @@ from sftok.decoder import MultiStepDecoder
 from sftok.decoding import DecodeResult, multistep_decode
 from sftok.encoder import TiTokEncoder
 from sftok.maskgit_vqgan import Decoder as PixelDecoder
-from sftok.maskgit_vqgan import MaskGITVQGAN, VectorQuantizer
+from sftok.maskgit_vqgan import MaskGITVQGAN, VectorQuantizer, VQGANArch
 from sftok.quantizer import OptVQ
 from sftok.validation import check_ids, check_images
 
@@ -43,12 +43,12 @@ class SFTok(nn.Module):
         self.decoder = MultiStepDecoder(dw, dl, dh, cfg.num_latent_tokens, cfg.token_size,
                                         cfg.num_proxy_codes, cfg.teacher_codebook_size)
         self.latent_tokens = nn.Parameter(ew ** -0.5 * torch.randn(cfg.num_latent_tokens, ew))
-        init_official_(self)   # official order: before the quantizer and the pixel head exist
+        init_official_(self, cfg.init_std)   # official order: before the quantizer and the pixel head exist
         self.quantize = OptVQ(cfg.codebook_size, cfg.token_size, cfg.commitment_cost, cfg.sinkhorn_iters,
                               cfg.sinkhorn_epsilon, cfg.assignment)
         if cfg.pixel_head:
             self.pixel_quantize = VectorQuantizer(cfg.teacher_codebook_size, cfg.pixel_z_channels)
-            self.pixel_decoder = PixelDecoder(cfg.pixel_hidden_channels, cfg.pixel_z_channels)
+            self.pixel_decoder = PixelDecoder(cfg.pixel_hidden_channels, cfg.pixel_z_channels, pixel_arch(cfg))
         self._encoder_frozen = False
 
     # ------------------------------------------------------------------ properties
@@ -167,7 +167,8 @@ class SFTok(nn.Module):
         except RuntimeError as e:
             raise ValueError(f"teacher and pixel head sizes differ (model.pixel_hidden_channels="
                              f"{self.cfg.pixel_hidden_channels}, teacher hidden_channels="
-                             f"{teacher.hidden_channels}); make them equal. {str(e)[:300]}") from None
+                             f"{teacher.hidden_channels}; pixel layout {pixel_arch(self.cfg)}, teacher "
+                             f"{teacher.arch}); make them equal. {str(e)[:300]}") from None
 
     def freeze_encoder(self) -> "SFTok":
         """Stage 3: freeze ``latent_tokens``, ``encoder`` and ``quantize`` and keep them in eval mode."""
@@ -188,3 +189,9 @@ class SFTok(nn.Module):
         c = self.cfg
         return (f"encoder={c.encoder_size}, decoder={c.decoder_size}, tokens={c.num_latent_tokens}x"
                 f"{c.codebook_size}, pixel_head={c.pixel_head}, assignment={c.assignment}")
+
+
+def pixel_arch(cfg: ModelConfig) -> VQGANArch:
+    """The pixel head's MaskGIT-VQGAN layout (the teacher's, see ``Config.teacher_arch``)."""
+    return VQGANArch(tuple(cfg.pixel_channel_mult), cfg.pixel_num_res_blocks, cfg.pixel_norm_groups,
+                     cfg.pixel_shortcut)

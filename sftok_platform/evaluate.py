@@ -109,7 +109,8 @@ class BatchEvaluator:
     def __init__(self, model, *, steps: Sequence[int] = DEFAULT_STEPS, teacher=None, teacher_hidden_channels=None,
                  inception_weights: str = "", inception_input_size: int = 299, temperature: float = 0.0,
                  seed: int = 0, assignment: Optional[str] = None, lpips_weights=None,
-                 device: Optional[str] = None, num_threads: Optional[int] = None):
+                 device: Optional[str] = None, num_threads: Optional[int] = None,
+                 mean_image: Optional[np.ndarray] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or _default_device())
@@ -127,6 +128,9 @@ class BatchEvaluator:
             self.lpips = self.lpips.to(self.device)
         self.steps = [int(s) for s in steps]
         self.temperature, self.seed, self.assignment = float(temperature), int(seed), assignment
+        # the best constant prediction (mean train image, [3,S,S]): its PSNR is the baseline to beat
+        self.mean_image = None if mean_image is None else torch.as_tensor(
+            np.asarray(mean_image), dtype=torch.float32).to(self.device)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -134,6 +138,9 @@ class BatchEvaluator:
         tokens = self.model.encode(images, assignment=self.assignment)
         pool, logits = self.inception.features(to_uint8(images))
         out = {"tokens": _np(tokens), "feat_real": _np(pool), "logits_real": _np(logits)}
+        if self.mean_image is not None:
+            constant = (self.mean_image[None].expand_as(images) * 255).round() / 255   # same 8-bit rounding
+            out["psnr_mean_image"] = _np(psnr(constant, images))
         for s in self.steps:
             g = torch.Generator(device=self.device).manual_seed(self.seed + s)
             recon = self.model.decode_tokens(tokens, num_steps=s, temperature=self.temperature, generator=g,
@@ -180,6 +187,8 @@ class EvalAccumulator:
         return self.real.count
 
     def update(self, out: dict[str, np.ndarray]) -> "EvalAccumulator":
+        if "psnr_mean_image" in out:
+            self.scalars.update("psnr_mean_image", out["psnr_mean_image"])
         self.codebook.update(out["tokens"])
         self.real.update(out["feat_real"])
         self.real_is.update(out["logits_real"])
@@ -211,9 +220,11 @@ class EvalAccumulator:
                 "is": self.recon_is[s].compute(),
                 **{name: self.scalars.mean(f"{name}_{s}") for name in SCALARS},
             }
+        baseline = self.scalars.mean("psnr_mean_image")
         return {
             "num_images": self.count,
             "steps": per_step,
+            **({"baseline_mean_image_psnr": baseline} if baseline is not None else {}),
             "is_original": self.real_is.compute(),
             "codebook_usage": self.codebook.usage,
             "codebook_entropy": self.codebook.entropy,
@@ -252,6 +263,22 @@ def iter_local_batches(shards: str, split: str, *, image_size: int, batch_size: 
                 return
     if pending:
         yield {"image": to_chw_float(pending)}
+
+
+def mean_train_image(shards: str, image_size: int, *, max_images: int = 2048, split: str = "train") -> np.ndarray:
+    """The mean of (up to ``max_images``) eval-transformed train images, float32 [3,S,S] in [0,1].
+
+    Why: it is the best constant reconstruction (it minimises the expected MSE), so its PSNR on the eval
+    images is the floor a tokenizer must clear; a model that has learned nothing lands on it.
+    """
+    total, n = None, 0
+    for batch in iter_local_batches(shards, split, image_size=image_size, batch_size=256, max_images=max_images):
+        x = batch["image"].astype(np.float64)
+        total = x.sum(0) if total is None else total + x.sum(0)
+        n += x.shape[0]
+    if not n:
+        raise ConfigError(f"{shards} has no {split} images to average for the mean-image baseline.")
+    return (total / n).astype(np.float32)
 
 
 def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size: int, batch_size: int,
@@ -296,7 +323,8 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
                         inception_input_size: int = 299, fid_method: str = "auto", seed: int = 0,
                         device: Optional[str] = None, out: Optional[str] = None,
                         tracking_uri: Optional[str] = None, experiment: Optional[str] = None,
-                        parent_run_id: Optional[str] = None, run_name: str = "eval") -> dict[str, Any]:
+                        parent_run_id: Optional[str] = None, run_name: str = "eval",
+                        baseline: bool = True) -> dict[str, Any]:
     """Reconstruction metrics of one checkpoint over a split, per decoding step count.
 
     Args:
@@ -315,6 +343,8 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
         inception_input_size: 299 is the protocol; smaller sizes only make tests fast.
         fid_method: "auto" (default: scipy sqrtm, the official recipe, for full-rank statistics; the exact
             low-rank form when there are far fewer images than 2048 features), "sqrtm", "eigh" or "lowrank".
+        baseline: also score the mean train image (up to 2048 images of the "train" split, when the shards
+            have one) on the same images: ``baseline_mean_image_psnr``, the floor a learned model clears.
         out: also write the result as JSON there. tracking_uri (or cfg): also log to MLflow, as a child of
             ``parent_run_id`` when given, with one child run per step count.
 
@@ -322,7 +352,7 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
     ``step_counts``, ``temperature``, ``steps`` ({"<s>": {"rfid", "is", "psnr", "psnr_y", "ssim", "lpips"}}),
     ``rfid_vs_steps`` ([{"steps", "rfid", "is"}]), headline ``rfid``/``is``/``psnr``/``psnr_y``/``ssim``/
     ``lpips`` at the largest step count, ``is_original``, ``codebook_usage``, ``codebook_entropy`` (bits),
-    ``codebook_size``, ``inception`` ({weights, sha256, paper_comparable, note, input_size}), ``notes``,
+    ``codebook_size``, ``baseline_mean_image_psnr`` (when computed), ``inception`` ({weights, sha256, paper_comparable, note, input_size}), ``notes``,
     ``seconds``, ``images_per_s``, ``ray``, ``mlflow_run_id`` (when logged).
     """
     ev = cfg.eval if cfg is not None else None
@@ -340,10 +370,15 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
 
     model_cfg = _peek_model_config(checkpoint)
     t0 = time.time()
+    mean_image = None
+    if baseline and split != "train":
+        from sftok_platform.data import load_manifest
+        if "train" in load_manifest(shards).get("splits", {}):
+            mean_image = mean_train_image(shards, model_cfg.image_size)
     kwargs = dict(steps=steps, teacher=teacher, teacher_hidden_channels=teacher_hidden,
                   inception_weights=inception_weights or "", inception_input_size=inception_input_size,
                   temperature=temperature, seed=seed, assignment=assignment, lpips_weights=lpips_weights,
-                  device=device)
+                  device=device, mean_image=mean_image)
     acc = EvalAccumulator(steps, model_cfg.codebook_size)
     if use_ray:
         if isinstance(checkpoint, torch.nn.Module):
@@ -439,13 +474,16 @@ def steps_table(result: dict) -> str:
         r = result["steps"][str(s)]
         lines.append(f"| {s} | {fmt(r['rfid'], 4)} | {fmt(r['is'], 3)} | {fmt(r['psnr'], 2)} | "
                      f"{fmt(r['psnr_y'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['lpips'], 4)} |")
+    if result.get("baseline_mean_image_psnr") is not None:
+        lines.append(f"| mean train image (baseline) | | | {fmt(result['baseline_mean_image_psnr'], 2)} | | | |")
     return "\n".join(lines)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
     """Numbers for MLflow: headline keys plus ``<metric>/steps_<s>``."""
     out = {k: float(result[k]) for k in ("rfid", "is", "psnr", "psnr_y", "ssim", "lpips", "is_original",
-                                          "codebook_usage", "codebook_entropy") if _finite(result.get(k))}
+                                          "codebook_usage", "codebook_entropy", "baseline_mean_image_psnr")
+           if _finite(result.get(k))}
     for s, r in result["steps"].items():
         out.update({f"{k}/steps_{s}": float(v) for k, v in r.items() if _finite(v)})
     return out

@@ -10,8 +10,11 @@ def test_presets_load_and_match_registry(preset, model_name):
     cfg = load_config(preset)
     assert cfg.preset == preset
     expected = model_config(model_name)
-    if preset == "tiny":   # the CPU preset runs the tiny architecture on 64 px images (a 4x4 teacher grid)
-        expected = model_config(model_name, image_size=64, num_proxy_codes=16)
+    if preset == "tiny":   # the CPU preset: tiny ViTs on 64 px images, an f8 teacher (8x8 grid), scaled init
+        expected = model_config(model_name, image_size=64, patch_size=8, num_proxy_codes=64, teacher_codebook_size=256,
+                                init_std=0.088, pixel_hidden_channels=16, pixel_z_channels=64,
+                                pixel_channel_mult=[1, 2, 2, 4], pixel_num_res_blocks=1, pixel_norm_groups=0,
+                                pixel_shortcut="input")
     assert cfg.model == expected
 
 
@@ -66,6 +69,12 @@ def test_type_errors(override, match):
     ("model.num_proxy_codes=100", r"must equal the teacher code grid.*set model.num_proxy_codes=\d+"),
     ("model.assignment=nearest", "use 'batch'"),
     ("model.teacher_codebook_size=512", "set both to the same value"),
+    ("teacher.norm_groups=4", r"model.pixel_norm_groups=0 differs from teacher.norm_groups=4"),
+    ("model.pixel_hidden_channels=32", "the pixel head is the teacher decoder"),
+    ("teacher.channel_mult=[1,2,4]", r"model.pixel_channel_mult=\[1, 2, 2, 4\] differs"),
+    ("teacher.shortcut=middle", "teacher layout: shortcut='middle'"),
+    ("teacher.init=xavier", "use 'torch'"),
+    ("model.init_std=0", "must be > 0"),
     ("train.precision=fp8", "use auto, fp32, bf16 or fp16"),
     ("train.workers=0", "at least 1 worker"),
     ("stage1.grad_accum=3", "multiple of 3"),
@@ -77,6 +86,11 @@ def test_validate_messages(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", [override])
     load_config("tiny", [override], validate=False)      # refused only by validate()
+
+
+def test_teacher_grid_must_divide_the_image():
+    with pytest.raises(ConfigError, match="multiple of the teacher's downsampling factor 8"):
+        load_config("tiny", ["model.image_size=68", "model.patch_size=4"])
 
 
 def test_resolved_config_round_trip(tmp_path):

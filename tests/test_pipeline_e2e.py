@@ -32,7 +32,7 @@ def test_full_pipeline_two_workers(tmp_path, ray_local):
     cfg = load_config("tiny", [
         f"run.root={tmp_path}/runs", "run.name=e2e", f"data.path={shards}", "train.workers=2",
         *[f"stage{i}.steps={steps}" for i in range(4)], *[f"stage{i}.global_batch_size=4" for i in range(4)],
-        *[f"stage{i}.warmup_steps=1" for i in range(4)], "losses.discriminator_start=1",
+        *[f"stage{i}.warmup_steps=1" for i in range(4)], "losses.discriminator_start=1", "losses.discriminator_weight=0.5", "losses.perceptual_weight=1.0",
         "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=8", "eval.batch_size=4",
         "eval.steps=[1,2]", "tracking.system_metrics=false", "train.image_every=2"])
     lines: list[str] = []

@@ -62,9 +62,15 @@ def test_stage_layout_done_marker_and_journal(tmp_path):
 def test_teacher_export_loads_strictly(tmp_path):
     from sftok.maskgit_vqgan import MaskGITVQGAN
     cfg = tiny(tmp_path)
-    t = MaskGITVQGAN(cfg.teacher.hidden_channels, cfg.teacher.codebook_size, cfg.teacher.z_channels)
-    ckpt.save_teacher(t, tmp_path / "exp", hidden_channels=32, codebook_size=1024, z_channels=256)
+    tc = cfg.teacher
+    t = MaskGITVQGAN(tc.hidden_channels, tc.codebook_size, tc.z_channels, cfg.teacher_arch())
+    ckpt.save_teacher(t, tmp_path / "exp", hidden_channels=tc.hidden_channels, codebook_size=tc.codebook_size,
+                      z_channels=tc.z_channels, arch=cfg.teacher_arch())
     loaded = ckpt.load_teacher_export(tmp_path / "exp", cfg)
+    assert loaded.arch == cfg.teacher_arch()
+    # the export describes its layout, so tools that get only the directory rebuild the same network
+    from sftok_platform.evaluate import _load_teacher
+    assert _load_teacher(str(tmp_path / "exp")).arch == cfg.teacher_arch()
     for (k, a), (_, b) in zip(t.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert not any(p.requires_grad for p in loaded.parameters())
@@ -214,9 +220,11 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
     import dataclasses
     from sftok_platform.train.stages import build_stage
     torch.manual_seed(0)
-    cfg = tiny(tmp_path, "losses.discriminator_start=0")
-    t = MaskGITVQGAN(32, 1024, 256)
-    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=32, codebook_size=1024, z_channels=256)
+    cfg = tiny(tmp_path, "losses.discriminator_start=0", "losses.discriminator_weight=0.5", "losses.perceptual_weight=1.0")
+    tc = cfg.teacher
+    t = MaskGITVQGAN(tc.hidden_channels, tc.codebook_size, tc.z_channels, cfg.teacher_arch())
+    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=tc.hidden_channels, codebook_size=tc.codebook_size,
+                      z_channels=tc.z_channels, arch=cfg.teacher_arch())
     save_model(SFTok(dataclasses.replace(cfg.model, pixel_head=False)), tmp_path / "init")
     inputs = {"teacher": str(tmp_path / "teacher"), "init": str(tmp_path / "init")}
     parts = build_stage(stage, cfg, inputs, torch.device("cpu"))
@@ -255,8 +263,10 @@ def test_train_compile_keeps_names_and_the_eager_loss(tmp_path):
     from sftok_platform.train.loop import maybe_compile
     from sftok_platform.train.stages import build_stage
     cfg = tiny(tmp_path, "train.compile=true")
-    t = MaskGITVQGAN(32, 1024, 256)
-    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=32, codebook_size=1024, z_channels=256)
+    tc = cfg.teacher
+    t = MaskGITVQGAN(tc.hidden_channels, tc.codebook_size, tc.z_channels, cfg.teacher_arch())
+    ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=tc.hidden_channels, codebook_size=tc.codebook_size,
+                      z_channels=tc.z_channels, arch=cfg.teacher_arch())
     images = torch.rand(4, 3, 64, 64)
 
     def step(compiled: bool):

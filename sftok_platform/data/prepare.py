@@ -16,7 +16,8 @@ How a prep runs
    ``write_parquet(partition_cols=["shard"])`` into ``_staging/``. Skipped files travel as rows with a
    reason, so every planned file comes out of the pipeline exactly once.
 4. **Commit** (one Ray task per shard): gather the shard's staging parts, check that they hold exactly the
-   planned files, sort rows by path, write ``<name>.parquet.tmp-*``, fsync, ``os.replace`` to the final
+   planned files, order rows by path hash (classes interleaved, so the reader's local shuffle buffer
+   sees every class even in a data set of one or two shards), write ``<name>.parquet.tmp-*``, fsync, ``os.replace`` to the final
    name, and record rows, size, sha256 and the skipped/converted files in the manifest (also replaced
    atomically).
 
@@ -72,11 +73,16 @@ class ShardPlan:
     entries: list[Entry]
 
 
+def _path_hash(relpath: str) -> bytes:
+    """The order of files in a split and of rows in a shard: deterministic and class-mixed."""
+    return hashlib.sha1(relpath.encode()).digest()
+
+
 def plan_shards(split: str, entries: list[Entry], shard_size: int) -> list[ShardPlan]:
     """Cut ``entries`` into ~equal shards in path-hash order (deterministic, class-mixed)."""
     if not entries:
         return []
-    order = sorted(entries, key=lambda e: hashlib.sha1(e.relpath.encode()).digest())
+    order = sorted(entries, key=lambda e: _path_hash(e.relpath))
     n = math.ceil(len(order) / shard_size)
     bounds = np.linspace(0, len(order), n + 1).round().astype(int)
     shards = []
@@ -203,7 +209,9 @@ def commit_shard(staging: str, out: str, shard: ShardPlan) -> dict[str, Any]:
     converted = sorted(({"path": p, "reason": n} for p, n, r in zip(paths, notes, reasons) if n and not r),
                        key=lambda x: x["path"])
     keep = pa.array([not r for r in reasons])
-    rows = table.filter(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA).sort_by("path")
+    rows = table.filter(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+    rows = rows.take(pa.array(sorted(range(rows.num_rows), key=lambda i: _path_hash(rows["path"][i].as_py())),
+                              type=pa.int64()))
 
     final = Path(out) / shard.file
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -169,15 +169,18 @@ def optimizer_fingerprint(optimizer_state: dict) -> float:
 # ######################################################################################################
 
 def save_teacher(teacher: torch.nn.Module, directory: str | os.PathLike, *, hidden_channels: int,
-                 codebook_size: int, z_channels: int) -> Path:
-    """Stage-0 export: ``teacher.safetensors`` (official MaskGIT-VQGAN keys) + ``teacher.json``."""
+                 codebook_size: int, z_channels: int, arch=None) -> Path:
+    """Stage-0 export: ``teacher.safetensors`` (official MaskGIT-VQGAN keys) + ``teacher.json`` (the sizes and
+    the :class:`sftok.maskgit_vqgan.VQGANArch` layout, so ``sftok evaluate --teacher DIR`` rebuilds it)."""
+    from sftok.maskgit_vqgan import OFFICIAL_ARCH
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous().cpu() for k, v in teacher.state_dict().items()}
     save_file(sd, str(directory / TEACHER_FILE), metadata={"format": "maskgit-vqgan"})
     (directory / TEACHER_CONFIG).write_text(json.dumps(
-        {"hidden_channels": hidden_channels, "codebook_size": codebook_size, "z_channels": z_channels}, indent=2))
+        {"hidden_channels": hidden_channels, "codebook_size": codebook_size, "z_channels": z_channels,
+         "arch": (arch or OFFICIAL_ARCH).to_dict()}, indent=2))
     return directory / TEACHER_FILE
 
 
@@ -193,7 +196,7 @@ def load_teacher_export(path: str | os.PathLike, cfg, device: str | torch.device
         path = path / TEACHER_FILE
     t = cfg.teacher
     teacher = load_teacher(path, hidden_channels=t.hidden_channels, codebook_size=t.codebook_size,
-                           z_channels=t.z_channels)
+                           z_channels=t.z_channels, arch=cfg.teacher_arch())
     return teacher.to(device).eval().requires_grad_(False)
 
 

@@ -375,11 +375,17 @@ def summary_table(result: PipelineResult) -> str:
         lines.append("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
-    headline = {k: v for k, v in result.eval_metrics.items()
+    ev = result.eval_metrics
+    headline = {k: v for k, v in ev.items()
                 if k in ("num_images", "rfid", "is", "psnr", "ssim", "lpips", "codebook_usage")
-                or (k.startswith("steps/") and k.endswith("/rfid"))}
+                or (k.startswith("steps/") and k.endswith(("/rfid", "/psnr")))}
     if headline:
         lines.append("\nEvaluation of the final model (all figures: eval_metrics.json and the MLflow eval run):")
+        if "psnr" in ev and "baseline_mean_image_psnr" in ev:
+            gain = ev["psnr"] - ev["baseline_mean_image_psnr"]
+            lines.append(f"  PSNR {ev['psnr']:.2f} dB vs {ev['baseline_mean_image_psnr']:.2f} dB for the mean train "
+                         f"image (the best constant guess): {gain:+.2f} dB"
+                         + ("" if gain > 1.0 else "  <- NOT LEARNED: about the mean image"))
         for k, v in sorted(headline.items()):
             lines.append(f"  {k:<20} {_fmt(v)}")
     g = result.generator_metrics

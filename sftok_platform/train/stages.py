@@ -93,6 +93,16 @@ def _psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse)
 
 
+def _mean_image_psnr(images: torch.Tensor) -> float:
+    """PSNR of the batch's own mean image: a (slightly generous) constant-prediction baseline to beat."""
+    return _psnr(images.mean(0, keepdim=True).expand_as(images), images).mean().item()
+
+
+def _majority_code_rate(codes: torch.Tensor) -> float:
+    """Accuracy of always predicting the batch's most frequent teacher code: the floor for token accuracy."""
+    return (codes == codes.flatten().mode().values).float().mean().item()
+
+
 def _teacher(inputs: dict, cfg: Config, device) -> MaskGITVQGAN:
     path = inputs.get("teacher")
     if not path:
@@ -137,7 +147,9 @@ def _token_val(model: SFTok, teacher: MaskGITVQGAN, images: torch.Tensor, steps:
     ids = torch.full((B, N), model.mask_id, dtype=torch.long, device=images.device)
     logits, _ = model(images, ids)
     out = {"loss": F.cross_entropy(logits.float().reshape(B * N, -1), codes.reshape(-1)).item(),
-           "accuracy_1step": (logits.argmax(-1) == codes).float().mean().item()}
+           "accuracy_1step": (logits.argmax(-1) == codes).float().mean().item(),
+           "majority_code_rate": _majority_code_rate(codes), "mean_image_psnr": _mean_image_psnr(images),
+           "teacher_psnr": _psnr(teacher.decode_codes(codes), images).mean().item()}
     tokens = model.encode(images)
     for n in steps:
         res = model.decode(tokens, num_steps=n, temperature=0.0)
@@ -153,8 +165,12 @@ def _token_val(model: SFTok, teacher: MaskGITVQGAN, images: torch.Tensor, steps:
 def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
     from sftok.dead_codes import DeadCodeRestart
     from sftok.objectives import stage0_loss
+    from sftok.maskgit_vqgan import init_scaled_
     t = cfg.teacher
-    teacher = MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels).to(device)
+    teacher = MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, cfg.teacher_arch())
+    if t.init == "scaled":
+        init_scaled_(teacher)
+    teacher = teacher.to(device)
     qw = cfg.stage0.quantizer_weight
 
     # dead-code restart (sftok.dead_codes): the quantizer's input and ids of the last training forward
@@ -179,14 +195,15 @@ def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
 
     def val(model, images):
         recon = model.decode_codes(model.encode_codes(images))
-        return {"loss": F.mse_loss(recon, images).item(), "psnr": _psnr(recon, images).mean().item()}
+        return {"loss": F.mse_loss(recon, images).item(), "psnr": _psnr(recon, images).mean().item(),
+                "mean_image_psnr": _mean_image_psnr(images)}
 
     def rows(model, images):
         return [images, model.decode_codes(model.encode_codes(images))], ["original", "teacher reconstruction"]
 
     def export(model, directory):
         ckpt.save_teacher(model, directory, hidden_channels=t.hidden_channels, codebook_size=t.codebook_size,
-                          z_channels=t.z_channels)
+                          z_channels=t.z_channels, arch=cfg.teacher_arch())
 
     return StageParts(model=teacher, step_module=_LossModule(teacher, loss),
                       codes=lambda images: teacher.encode_codes(images), codebook_size=t.codebook_size,
@@ -273,7 +290,8 @@ def build_stage3(cfg: Config, inputs: dict, device) -> StageParts:
 
     def val(m, images):
         recon = m.decode_tokens(m.encode(images), num_steps=max(steps), temperature=0.0).clamp(0, 1)
-        return {"loss": F.mse_loss(recon, images).item(), f"psnr_{max(steps)}step": _psnr(recon, images).mean().item()}
+        return {"loss": F.mse_loss(recon, images).item(), f"psnr_{max(steps)}step": _psnr(recon, images).mean().item(),
+                "mean_image_psnr": _mean_image_psnr(images)}
 
     return StageParts(model=model, step_module=_LossModule(model, loss), codes=_token_codes(model),
                       codebook_size=cfg.model.codebook_size, export=lambda m, d: save_model(m, d),
