@@ -151,6 +151,9 @@ class TrainConfig:
     max_failures: int = 2
     num_to_keep: int = 2
     compile: bool = False               # torch.compile the trained model's forward (nn.Module.compile, in place)
+    # intra-op threads of each worker's torch; 0 = Ray's default (OMP_NUM_THREADS = cpus_per_worker). The
+    # tiny preset uses 2: one worker on a 2-core laptop would otherwise compute on one core.
+    torch_threads: int = 0
 
 
 @dataclass
@@ -308,6 +311,9 @@ class Config:
                               "at least 1 validation image.")
         if self.train.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"train.precision={self.train.precision!r}: use auto, fp32, bf16 or fp16.")
+        if self.train.torch_threads < 0:
+            raise ConfigError(f"train.torch_threads={self.train.torch_threads}: use 0 (Ray's default) or a "
+                              "thread count.")
         if self.train.workers < 1:
             raise ConfigError(f"train.workers={self.train.workers}: need at least 1 worker.")
         for name in ("stage0", "stage1", "stage2", "stage3"):

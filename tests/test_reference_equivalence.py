@@ -1,8 +1,8 @@
 """Golden equivalence with the official SFTok implementation (../shared/reference, see its README).
 
 The tiny reference model is loaded through the official-format converter (``sftok.from_official`` with
-the official YAML). Integer outputs must match exactly, logits to ~1e-5 and pixels to ~1e-4. One thread,
-as the reference was recorded with one.
+the official YAML). Integer outputs must match exactly, logits to ~1e-5 and pixels to PIXEL_ATOL. One
+thread, as the reference was recorded with one.
 """
 from pathlib import Path
 
@@ -13,6 +13,10 @@ import torch.nn.functional as F
 import sftok
 
 from shared_paths import REF  # noqa: E402  (../shared beside the repo, as in CI)
+# The pixel decoder is ~20 convolutions deep and oneDNN picks its conv kernels per CPU: on an AMD EPYC host
+# the max |difference| over 256x256x3 pixels reached 1.9e-4 (1e-4 held on the Ice Lake host the bundle was
+# checked on), with logits still within 1e-5. A real bug moves pixels by 1e-2 or more.
+PIXEL_ATOL = 5e-4
 pytestmark = pytest.mark.skipif(not (REF / "outputs.safetensors").exists(), reason="reference bundle missing")
 
 
@@ -108,7 +112,7 @@ def test_stage3_logits_and_reconstruction(model, ref):
     with torch.no_grad():
         logits, info = model(ref["images"], ids, return_image=True)
     torch.testing.assert_close(logits, ref["stage3_logits"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(info["image"], ref["stage3_recon_image"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(info["image"], ref["stage3_recon_image"], atol=PIXEL_ATOL, rtol=0)
     assert abs(F.mse_loss(info["image"], ref["images"]).item() - 0.498146) < 1e-5   # reference stage-3 MSE
 
 
@@ -119,7 +123,7 @@ def test_temperature0_decode(model, ref):
     torch.testing.assert_close(res.logits, ref["decoded_logits_T0"], atol=1e-5, rtol=0)
     with torch.no_grad():
         image = model.logits_to_image(res.logits)
-    torch.testing.assert_close(image, ref["decoded_image_T0"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(image, ref["decoded_image_T0"], atol=PIXEL_ATOL, rtol=0)
 
 
 def test_temperature1_decode_replays_official_rng(model, ref):
@@ -131,4 +135,4 @@ def test_temperature1_decode_replays_official_rng(model, ref):
     torch.testing.assert_close(res.logits, ref["decoded_logits_T1"], atol=1e-5, rtol=0)
     torch.manual_seed(2)
     image = model.decode_tokens(ref["tokens"], num_steps=8, temperature=1.0)
-    torch.testing.assert_close(image, ref["decoded_image_T1"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(image, ref["decoded_image_T1"], atol=PIXEL_ATOL, rtol=0)

@@ -198,6 +198,8 @@ def train_loop_per_worker(config: dict) -> None:
         raise ValueError(f"{stage}.global_batch_size={st.global_batch_size} is not divisible by workers x "
                          f"grad_accum = {world} x {accum}.")
     seed_everything(cfg.train.seed)      # identical modules on every rank (random external backbones too)
+    if cfg.train.torch_threads > 0:      # Ray sets OMP_NUM_THREADS = the worker's CPU reservation
+        torch.set_num_threads(cfg.train.torch_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True   # official: TF32 on
         torch.backends.cudnn.allow_tf32 = True
