@@ -139,13 +139,16 @@ def env(tmp_path_factory):
     import ray
     import torch
 
+    from sftok.config import load_config
     from sftok.maskgit_vqgan import MaskGITVQGAN
     from sftok_platform.sweeps import init_ray
     from sftok_platform.train import checkpointing as ckpt
     root = tmp_path_factory.mktemp("sweeps")
     torch.manual_seed(0)
-    ckpt.save_teacher(MaskGITVQGAN(32, 1024, 256), root / "teacher", hidden_channels=32, codebook_size=1024,
-                      z_channels=256)
+    _t = load_config("tiny").teacher
+    ckpt.save_teacher(MaskGITVQGAN(_t.hidden_channels, _t.codebook_size, _t.z_channels, load_config("tiny").teacher_arch()),
+                      root / "teacher", hidden_channels=_t.hidden_channels, codebook_size=_t.codebook_size,
+                      z_channels=_t.z_channels, arch=load_config("tiny").teacher_arch())   # the tiny preset's layout
     overrides = FAST + [f"run.root={root / 'runs'}", f"teacher.weights={root / 'teacher' / 'teacher.safetensors'}"]
     # Ray's memory monitor kills workers when the *node* is 95% full, whoever fills it; on a shared CI box
     # other jobs' memory then kills these trials (seen: ASHA lost its reference trial). Off for this cluster.

@@ -27,7 +27,10 @@ def env(tmp_path_factory):
     prepare_synthetic(shards, 32, num_val=8, image_size=64, quiet=True)
     torch.manual_seed(0)
     teacher = root / "teacher"
-    ckpt.save_teacher(MaskGITVQGAN(32, 1024, 256), teacher, hidden_channels=32, codebook_size=1024, z_channels=256)
+    _t = load_config("tiny").teacher
+    ckpt.save_teacher(MaskGITVQGAN(_t.hidden_channels, _t.codebook_size, _t.z_channels, load_config("tiny").teacher_arch()),
+                      teacher, hidden_channels=_t.hidden_channels, codebook_size=_t.codebook_size,
+                      z_channels=_t.z_channels, arch=load_config("tiny").teacher_arch())   # the tiny preset's layout
     yield {"root": root, "shards": str(shards), "teacher": str(teacher)}
     ray.shutdown()
 
