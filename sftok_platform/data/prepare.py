@@ -210,8 +210,8 @@ def commit_shard(staging: str, out: str, shard: ShardPlan) -> dict[str, Any]:
                        key=lambda x: x["path"])
     keep = pa.array([not r for r in reasons])
     rows = table.filter(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-    rows = rows.take(pa.array(sorted(range(rows.num_rows), key=lambda i: _path_hash(rows["path"][i].as_py())),
-                              type=pa.int64()))
+    kept_paths = rows.column("path").to_pylist()
+    rows = rows.take(sorted(range(len(kept_paths)), key=lambda i: _path_hash(kept_paths[i])))
 
     final = Path(out) / shard.file
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -171,8 +171,10 @@ def optimizer_fingerprint(optimizer_state: dict) -> float:
 def save_teacher(teacher: torch.nn.Module, directory: str | os.PathLike, *, hidden_channels: int,
                  codebook_size: int, z_channels: int, arch=None) -> Path:
     """Stage-0 export: ``teacher.safetensors`` (official MaskGIT-VQGAN keys) + ``teacher.json`` (the sizes and
-    the :class:`sftok.maskgit_vqgan.VQGANArch` layout, so ``sftok evaluate --teacher DIR`` rebuilds it)."""
+    the :class:`sftok.maskgit_vqgan.VQGANArch` layout, so ``sftok evaluate --teacher DIR`` rebuilds it).
+    ``arch`` defaults to the teacher's own (``MaskGITVQGAN.arch``)."""
     from sftok.maskgit_vqgan import OFFICIAL_ARCH
+    arch = arch or getattr(teacher, "arch", OFFICIAL_ARCH)
     from safetensors.torch import save_file
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -180,7 +182,7 @@ def save_teacher(teacher: torch.nn.Module, directory: str | os.PathLike, *, hidd
     save_file(sd, str(directory / TEACHER_FILE), metadata={"format": "maskgit-vqgan"})
     (directory / TEACHER_CONFIG).write_text(json.dumps(
         {"hidden_channels": hidden_channels, "codebook_size": codebook_size, "z_channels": z_channels,
-         "arch": (arch or OFFICIAL_ARCH).to_dict()}, indent=2))
+         "arch": arch.to_dict()}, indent=2))
     return directory / TEACHER_FILE
 
 

@@ -203,7 +203,7 @@ def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
 
     def export(model, directory):
         ckpt.save_teacher(model, directory, hidden_channels=t.hidden_channels, codebook_size=t.codebook_size,
-                          z_channels=t.z_channels, arch=cfg.teacher_arch())
+                          z_channels=t.z_channels)
 
     return StageParts(model=teacher, step_module=_LossModule(teacher, loss),
                       codes=lambda images: teacher.encode_codes(images), codebook_size=t.codebook_size,
