@@ -91,7 +91,8 @@ def test_stage4_end_to_end_tiny(tmp_path, ray_local):
     assert np.isfinite(out["gfid_vs_val"]) and out["gfid_vs_val"] >= 0
     assert "gfid" not in out and out["gfid_label"].startswith(VAL_LABEL)
     assert "random Inception weights" in out["gfid_label"]
-    assert out["inception_score"] >= 1.0 and out["num_samples"] == 10
+    # IS = exp(mean KL) >= 1 exactly; near-identical samples (a random tokenizer) land on 1 - 1e-16 in float64
+    assert out["inception_score"] >= 1.0 - 1e-9 and out["num_samples"] == 10
     assert out["tokenized_images"] == 16 and out["reference_images"] == 6
 
     stage = tmp_path / "runs" / "gen" / "stages" / "stage4"
