@@ -7,6 +7,13 @@ on (stage 2 starts from the stage-1 weights; stage 1 is trained once and shared 
     python experiments/sweep.py replace-ratio --preset tiny
     python experiments/sweep.py replace-ratio --preset tiny --ratios 0,1 --warmup on --seeds 0,1
 
+The laptop ablation (README, "The laptop ablation"; about 30 minutes on 2 cores with the tiny preset): SFVR
+(replace_prob 1.0) against vanilla (0.0), warm-up on and off, seeds 0,1,2 (12 stage-2 trials on a shared
+teacher and stage 1), then a decode-steps sweep (1,2,4,8) on the first seed's SFVR warm-up export::
+
+    python experiments/sweep.py ablation
+    python experiments/sweep.py ablation --seeds 0,1,2,3,4 eval.stage_val_images=64
+
 Decoding steps on a fixed checkpoint (eval only, no training; paper Fig. 8 / SPEC F.3)::
 
     python experiments/sweep.py decode-steps --checkpoint runs/tiny/stages/stage3/export
@@ -101,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--ratios", type=_floats, default=[0.0, 0.5, 0.8, 1.0], help="comma-separated, 0 = vanilla")
     rr.add_argument("--warmup", type=_onoff, default=[True, False], help="on | off | on,off")
     rr.add_argument("--seeds", type=_ints, default=[0], help="comma-separated seed offsets (one trial each)")
+    ab = sub.add_parser("ablation", parents=[common],
+                        help="the laptop ablation: SFVR vs vanilla x warm-up on/off x seeds, then decode steps")
+    ab.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seed offsets (default 0,1,2)")
+    ab.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="decoding steps of the second sweep")
     ds = sub.add_parser("decode-steps", parents=[common], help="evaluate one checkpoint at 1,2,4,8,16 steps")
     ds.add_argument("--checkpoint", required=True, help="stage export dir (model.safetensors + config.json)")
     ds.add_argument("--steps", type=_ints, default=[1, 2, 4, 8, 16], help="comma-separated decoding steps")
@@ -153,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.kind == "replace-ratio":
             result = run_sweep("replace-ratio", cfg, ratios=args.ratios, warmup=args.warmup, seeds=args.seeds,
                                **common)
+        elif args.kind == "ablation":
+            from sftok_platform.sweeps import run_ablation
+            grid, decode = run_ablation(cfg, seeds=args.seeds, steps=args.steps, **common)
+            print(f"\nablation: sweep {grid.name!r} ({len(grid.rows)} trials, {grid.seconds:.0f}s) and "
+                  f"{decode.name!r} ({len(decode.rows)} trials, {decode.seconds:.0f}s); reports in "
+                  f"{Path(grid.report_files['markdown']).parent} and {Path(decode.report_files['markdown']).parent}")
+            return 0
         elif args.kind == "decode-steps":
             result = run_sweep("decode-steps", cfg, checkpoint=args.checkpoint, steps=args.steps,
                                teacher=args.teacher, eval_cpus=args.eval_cpus, eval_gpus=args.eval_gpus, **common)

@@ -154,6 +154,9 @@ class TrainConfig:
     # intra-op threads of each worker's torch; 0 = Ray's default (OMP_NUM_THREADS = cpus_per_worker). The
     # tiny preset uses 2: one worker on a 2-core laptop would otherwise compute on one core.
     torch_threads: int = 0
+    # divergence guard: a step whose loss or gradient norm is non-finite on any rank is skipped (no update,
+    # no EMA); this many such steps in a row stop the stage with an error. 0 = stop at the first one.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -314,6 +317,9 @@ class Config:
         if self.train.torch_threads < 0:
             raise ConfigError(f"train.torch_threads={self.train.torch_threads}: use 0 (Ray's default) or a "
                               "thread count.")
+        if self.train.max_nonfinite_steps < 0:
+            raise ConfigError(f"train.max_nonfinite_steps={self.train.max_nonfinite_steps}: use 0 (stop at the "
+                              "first non-finite step) or a positive count of consecutive skipped steps.")
         if self.train.workers < 1:
             raise ConfigError(f"train.workers={self.train.workers}: need at least 1 worker.")
         for name in ("stage0", "stage1", "stage2", "stage3"):

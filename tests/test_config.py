@@ -76,6 +76,8 @@ def test_type_errors(override, match):
     ("teacher.init=xavier", "use 'torch'"),
     ("model.init_std=0", "must be > 0"),
     ("train.precision=fp8", "use auto, fp32, bf16 or fp16"),
+    ("train.max_nonfinite_steps=-1", "stop at the first non-finite step"),
+    ("train.torch_threads=-2", "train.torch_threads=-2"),
     ("train.workers=0", "at least 1 worker"),
     ("stage1.grad_accum=3", "multiple of 3"),
     ("stage2.replace_prob=1.5", r"must lie in \[0, 1\]"),

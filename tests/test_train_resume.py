@@ -98,3 +98,35 @@ def test_dead_worker_is_replaced_and_training_continues(env):
     assert resumed and restart in (2, 4), attempts
     assert attempts[1][3] == list(range(restart + 1, 7))
     assert result.metrics["val_loss"] > 0 and result.ray_checkpoint.endswith("step_0000006")
+
+
+def test_a_diverging_stage_stops_loudly_and_keeps_finite_checkpoints(env):
+    """lr 1e6 makes the stage-0 loss NaN from its third step: the guard skips those updates, stops the stage
+    after train.max_nonfinite_steps in a row with StageDiverged, the Ray retry refuses to replay it, every
+    checkpoint and no export holds a non-finite tensor, and MLflow gets the skipped-step count."""
+    from sftok_platform.train.loop import StageDiverged
+    cfg = load_config("tiny", [
+        f"run.root={env['root']}", "run.name=diverge", f"data.path={env['shards']}", "stage0.steps=10",
+        "stage0.global_batch_size=4", "stage0.warmup_steps=2", "stage0.lr=1e6", "train.checkpoint_every=2",
+        "train.log_every=2", "train.max_nonfinite_steps=2", "train.max_failures=1", "tracking.system_metrics=false"])
+    with pytest.raises(StageDiverged, match=r"stage0 diverged: .* 3 steps in a row .*Lower stage0.lr"):
+        run_stage(cfg, "stage0", shards=env["shards"])
+    paths = ckpt.StagePaths(env["root"] / "diverge", "stage0")
+    journal = ckpt.read_journal(paths)
+    assert [e["step"] for e in journal if e.get("event") == "start"] == [0]
+    assert [e["step"] for e in journal if e.get("event") == "diverged"] == [5]
+    # the retry (max_failures=1) resumed at the step-4 checkpoint and refused to replay steps 5.. into NaN
+    assert [e["step"] for e in journal if e.get("event") == "refused_replay"] == [4]
+    assert [e["step"] for e in journal if "loss" in e] == [1, 2, 3, 4], "steps were replayed"
+    assert any(e.get("loss") != e.get("loss") for e in journal), "the loss never went NaN: the test tests nothing"
+    ray_dir = ckpt.storage_path(paths.run_dir) / ckpt.ray_run_name("diverge", "stage0")
+    kept = sorted(ray_dir.glob("step_*"))
+    assert kept, "no checkpoint was written before the divergence"
+    for d in kept:
+        state = ckpt.load_state(d)
+        assert ckpt.nonfinite_tensors({"model": state["model"], "ema": state["ema"]}) == [], d.name
+    assert not paths.export.exists() and not ckpt.is_done(paths)
+    run = tracking.client(cfg).search_runs([tracking.client(cfg).get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                           filter_string="tags.mlflow.runName = 'diverge-stage0'")
+    assert run and run[0].info.status == "FAILED"
+    assert run[0].data.metrics.get("nonfinite_steps", 0) >= 3

@@ -325,6 +325,7 @@ class SweepResult:
     report_files: dict[str, str]
     seconds: float
     result_grid: Any = None
+    teacher: str = ""              # the teacher the trials used (stage-0 export or teacher.weights)
 
 
 def _sweep_dir(cfg: Config, name: str) -> Path:
@@ -451,7 +452,35 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
     except BaseException:
         runs.end_run(uri, parent, "FAILED")
         raise
-    return SweepResult(name, kind, str(sweep_dir), parent, uri, rows, files, time.time() - t0, grid)
+    return SweepResult(name, kind, str(sweep_dir), parent, uri, rows, files, time.time() - t0, grid, ctx.teacher)
+
+
+ABLATION_RATIOS = (0.0, 1.0)
+
+
+def run_ablation(cfg: Config, *, name: Optional[str] = None, seeds=(0, 1, 2), steps=(1, 2, 4, 8),
+                 resume: bool = False, echo: Callable[[str], None] = print, **sweep_kwargs):
+    """The laptop ablation (README, "The laptop ablation"): SFVR (replace_prob 1.0) against vanilla (0.0),
+    with and without warm-up, one trial per seed; then a decode-steps sweep on the export of the first
+    seed's SFVR warm-up trial. Two sweeps, ``<name>`` and ``<name>-decode-steps``; returns both results.
+
+    ``sweep_kwargs`` go to both :func:`run_sweep` calls (``concurrency``, ``num_cpus``, ``evaluation`` ...).
+    """
+    if not seeds:
+        raise ConfigError("the ablation needs at least one seed, e.g. --seeds 0,1,2.")
+    name = name or "ablation"
+    grid = run_sweep("replace-ratio", cfg, name=name, resume=resume, ratios=ABLATION_RATIOS,
+                     warmup=(True, False), seeds=seeds, echo=echo, **sweep_kwargs)
+    export = next((r.metrics.get("export") for r in grid.result_grid
+                   if r.error is None and (r.config or {}).get("replace_prob") == 1.0
+                   and (r.config or {}).get("warmup") and (r.config or {}).get("seed") == seeds[0]), None)
+    if not export:
+        raise RuntimeError(f"sweep {name!r}: the SFVR warm-up trial of seed {seeds[0]} has no export, so the "
+                           f"decode-steps half cannot run; finish the sweep with --resume first.")
+    decode_kwargs = {k: v for k, v in sweep_kwargs.items() if k in ("num_cpus", "concurrency")}
+    decode = run_sweep("decode-steps", cfg, name=f"{name}-decode-steps", resume=resume, checkpoint=export,
+                       teacher=grid.teacher, steps=list(steps), echo=echo, **decode_kwargs)
+    return grid, decode
 
 
 def _tune_config(kind: str, base: Config, trials: int, max_concurrent: int, asha: bool,
@@ -572,5 +601,5 @@ def _find_teacher(export: str) -> str:
     return ""
 
 
-__all__ = ["init_ray", "SweepContext", "SweepResult", "run_sweep", "train_trial", "eval_trial",
+__all__ = ["init_ray", "SweepContext", "SweepResult", "run_sweep", "run_ablation", "train_trial", "eval_trial",
            "evaluate_export", "resolve_export", "prepare_shared", "sweep_config"]

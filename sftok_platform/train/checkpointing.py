@@ -93,6 +93,18 @@ def journal(paths: StagePaths, **entry: Any) -> None:
         f.write(json.dumps(entry, default=float) + "\n")
 
 
+def nonfinite_tensors(state: dict, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors holding NaN or inf in a (nested) state dict."""
+    bad = []
+    for k, v in state.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            bad += nonfinite_tensors(v, name + ".")
+        elif torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad.append(name)
+    return bad
+
+
 def read_journal(paths: StagePaths) -> list[dict]:
     if not paths.journal.is_file():
         return []

@@ -125,6 +125,36 @@ def all_reduce_max(x: float, device: torch.device) -> float:
     return float(t.item())
 
 
+class StageDiverged(RuntimeError):
+    """The loss or gradient norm stayed non-finite for more than ``train.max_nonfinite_steps`` steps."""
+
+
+def step_is_finite(loss: torch.Tensor, grad_norm: torch.Tensor, device: torch.device) -> bool:
+    """Whether this step's loss and gradient norm are finite on **every** rank (one all-reduce of a flag),
+    so all ranks skip or apply the same updates and their weights stay identical."""
+    flag = (torch.isfinite(loss.detach().float()) & torch.isfinite(grad_norm.float())).to(torch.float32)
+    if dist_ready() and torch.distributed.get_world_size() > 1:
+        flag = flag.reshape(1).to(device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def config_fingerprint(cfg: Config) -> str:
+    import hashlib
+    return hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:12]
+
+
+def check_not_diverged_before(paths: ckpt.StagePaths, cfg: Config, start_step: int, rank: int) -> None:
+    """A retry (Ray's ``max_failures``) of a stage that diverged with this same config would replay the same
+    steps from its last checkpoint into the same divergence: refuse at once. A changed config may go on."""
+    fp = config_fingerprint(cfg)
+    for entry in ckpt.read_journal(paths):
+        if entry.get("event") == "diverged" and entry.get("config") == fp and int(entry.get("step", 0)) > start_step:
+            if rank == 0:
+                ckpt.journal(paths, event="refused_replay", step=start_step, t=round(time.time(), 3))
+            raise StageDiverged(entry["message"])
+
+
 def codebook_stats(counts: torch.Tensor) -> dict[str, float]:
     """Usage (fraction of codes hit) and perplexity (exp entropy) of an all-reduced code histogram."""
     total = counts.sum().clamp_min(1)
@@ -232,6 +262,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             seed_everything(cfg.train.seed + 1000 * rank + start_step)
         del state
+    check_not_diverged_before(paths, cfg, start_step, rank)
 
     step_module = ray.train.torch.prepare_model(parts.step_module, move_to_device=False,
                                                 parallel_strategy="ddp" if world > 1 else None)
@@ -260,6 +291,8 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         sums: dict[str, float] = {}
         n_sum = 0
+        bad_in_a_row = 0
+        nonfinite_total = 0
         t_window, steps_window = time.perf_counter(), 0
         t_start = time.perf_counter()
         for step in range(start_step, total):
@@ -267,6 +300,7 @@ def train_loop_per_worker(config: dict) -> None:
             set_lr(optimizer, lr)
             step_module.train()
             images = None
+            step_sums: dict[str, float] = {}
             for i in range(accum):
                 images = next(batches)
                 sync = (step_module.no_sync() if (i < accum - 1 and hasattr(step_module, "no_sync"))
@@ -276,22 +310,44 @@ def train_loop_per_worker(config: dict) -> None:
                         loss, metrics = step_module(images, step)
                     scaler.scale(loss / accum).backward()
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) / accum
+                    step_sums[k] = step_sums.get(k, 0.0) + float(v) / accum
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(parts.trainable_parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
+            done = step + 1
+            # divergence guard: a non-finite loss/gradient anywhere skips the update (weights, EMA, D) on
+            # every rank; fp16's GradScaler backs off its scale as usual (update() still runs)
+            finite = step_is_finite(loss, grad_norm, device)
+            if finite:
+                scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            ema.update(model)
-            aux_metrics = parts.post_step(step, ema)
-            if aux_module is not None:
-                aux_metrics.update(parts.aux_step(aux_module, images, step))
-            for k, v in aux_metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            sums["grad_norm"] = sums.get("grad_norm", 0.0) + float(grad_norm)
-            n_sum += 1
+            if finite:
+                bad_in_a_row = 0
+                ema.update(model)
+                aux_metrics = parts.post_step(step, ema)
+                if aux_module is not None:
+                    aux_metrics.update(parts.aux_step(aux_module, images, step))
+                for k, v in {**step_sums, **aux_metrics, "grad_norm": float(grad_norm)}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n_sum += 1
+            else:
+                bad_in_a_row += 1
+                nonfinite_total += 1
+                if rank == 0:
+                    say(f"[{stage}] step {done}: non-finite loss {float(loss.detach()):.4g} / grad norm "
+                        f"{float(grad_norm):.4g}: update skipped ({bad_in_a_row} in a row, "
+                        f"limit train.max_nonfinite_steps={cfg.train.max_nonfinite_steps})")
+                if bad_in_a_row > cfg.train.max_nonfinite_steps:
+                    message = (f"{stage} diverged: loss/gradient non-finite for {bad_in_a_row} steps in a row "
+                               f"(up to step {done}; {nonfinite_total} skipped in all). The last checkpoint "
+                               f"holds the last finite weights. Lower {stage}.lr (now {st.lr:g}), raise "
+                               f"{stage}.warmup_steps or tighten train.grad_clip, then rerun.")
+                    if rank == 0:
+                        ckpt.journal(paths, event="diverged", step=done, config=config_fingerprint(cfg),
+                                     message=message, t=round(time.time(), 3))
+                        log.metrics({"nonfinite_steps": float(nonfinite_total)}, step=done)
+                    raise StageDiverged(message)
             steps_window += 1
-            done = step + 1
             if rank == 0:
                 ckpt.journal(paths, step=done, loss=float(loss.detach()), t=round(time.time(), 3))
 
@@ -300,7 +356,8 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt_now = done % cfg.train.checkpoint_every == 0 or last
             report: dict = {}
             if log_now:
-                metrics = all_reduce_mean({k: v / n_sum for k, v in sums.items()}, device)
+                metrics = all_reduce_mean({k: v / max(n_sum, 1) for k, v in sums.items()}, device)
+                metrics["nonfinite_steps"] = float(nonfinite_total)       # identical on every rank
                 counts = torch.zeros(parts.codebook_size, dtype=torch.float64, device=device)
                 with torch.no_grad():
                     counts += torch.bincount(parts.codes(images).flatten(), minlength=parts.codebook_size)
@@ -313,7 +370,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     log.metrics(metrics, step=done)
                     say(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f} "
-                        f"lr {lr:.2e} grad {metrics['grad_norm']:.2f} usage {metrics['codebook_usage']:.2f} "
+                        f"lr {lr:.2e} grad {metrics.get('grad_norm', float('nan')):.2f} usage {metrics['codebook_usage']:.2f} "
                         f"{ips:.1f} img/s ETA {fmt_eta(eta)}")
                 report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                 sums, n_sum = {}, 0
@@ -352,6 +409,10 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
     if rank != 0:
         ray.train.report(metrics)
         return
+    bad = ckpt.nonfinite_tensors({"model": model.state_dict(), "ema": ema.state_dict()})
+    if bad:
+        raise StageDiverged(f"step {step}: {len(bad)} non-finite weight tensors ({', '.join(bad[:3])} ...); not "
+                            f"checkpointing them over the last finite checkpoint. Lower the stage's lr and rerun.")
     state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "aux": parts.aux_state(),
              "rng": rng_all, "config": cfg.to_yaml()}
@@ -385,6 +446,10 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
     ema_model = copy.deepcopy(parts.model)
     ema.copy_to(ema_model)
     ema_model.eval()
+    bad = ckpt.nonfinite_tensors(ema_model.state_dict())
+    if bad:
+        raise StageDiverged(f"{stage}: the EMA weights hold {len(bad)} non-finite tensors ({', '.join(bad[:3])} ...); "
+                            "no export written. Lower the stage's lr and rerun.")
     parts.export(ema_model, paths.export)
     out: dict = {}
     val = ray.train.get_dataset_shard("val")
@@ -423,4 +488,4 @@ def cfg_steps(cfg: Config, stage: str) -> int:
     return int(getattr(cfg, stage).steps)
 
 
-__all__ = ["train_loop_per_worker", "config_from_dict", "autocast_dtype", "image_batches", "codebook_stats"]
+__all__ = ["train_loop_per_worker", "StageDiverged", "step_is_finite", "config_from_dict", "autocast_dtype", "image_batches", "codebook_stats"]

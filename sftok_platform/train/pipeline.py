@@ -149,6 +149,16 @@ def ordered_stages(stages: list[str]) -> list[str]:
 # One stage
 # ######################################################################################################
 
+def _raise_if_diverged(paths: ckpt.StagePaths, cfg: Config, error: BaseException) -> None:
+    """A stage that failed because it diverged (the loop's journal says so) raises ``StageDiverged`` with the
+    loop's own message instead of Ray's wrapped worker traceback."""
+    from sftok_platform.train.loop import StageDiverged, config_fingerprint
+    fp = config_fingerprint(cfg)
+    for entry in reversed(ckpt.read_journal(paths)):
+        if entry.get("event") == "diverged" and entry.get("config") == fp:
+            raise StageDiverged(entry["message"]) from error
+
+
 def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[str] = None,
               callbacks: Optional[list] = None, inputs: Optional[dict] = None, debug: Optional[dict] = None,
               force: bool = False) -> StageResult:
@@ -227,12 +237,14 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
     t0 = time.time()
     try:
         result = trainer.fit()
-    except BaseException:
+    except BaseException as e:
         tracking.end_run(cfg, run_id, "FAILED")
+        _raise_if_diverged(paths, cfg, e)
         raise
     seconds = time.time() - t0
     if result.error is not None:   # V2 returns (not raises) controller errors, e.g. workers OOM-killed
         tracking.end_run(cfg, run_id, "FAILED")
+        _raise_if_diverged(paths, cfg, result.error)
         raise result.error
     metrics_file = paths.dir / "final_metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
