@@ -164,27 +164,30 @@ def _cfg(env, extra=()):
 
 
 @pytest.mark.slow
-def test_grid_sweep_end_to_end(env):
-    """3 replace-ratio trials (warm-up on: the stage-1 run is trained once and shared) through Tune + Train
-    + MLflow: one child run per trial with params, curves and final figures; table + plots on the parent."""
+def test_ablation_end_to_end(env):
+    """``sweep.py ablation`` with one seed: SFVR (1.0) vs vanilla (0.0) x warm-up on/off through Tune + Train
+    + MLflow (the stage-1 warm-up trained once and shared; one child run per trial with params, curves and
+    final figures; table + plots on the parent), then decode-steps on the SFVR warm-up export: eval-only
+    trials through the evaluation module, no training."""
     from sftok_platform import tracking
-    from sftok_platform.sweeps import run_sweep, runs
+    from sftok_platform.sweeps import run_ablation, runs
     cfg = _cfg(env)
-    res = run_sweep("replace-ratio", cfg, name="grid", ratios=[0.0, 0.5, 1.0], warmup=[True], concurrency=2)
-    assert [r["status"] for r in res.rows] == ["finished"] * 3
-    assert [r["replace_prob"] for r in res.rows] == [0.0, 0.5, 1.0]
+    res, ds = run_ablation(cfg, name="grid", seeds=(0,), steps=(1, 2), concurrency=2)
+    assert [r["status"] for r in res.rows] == ["finished"] * 4
+    assert [(r["warmup"], r["replace_prob"]) for r in res.rows] == [(True, 0.0), (True, 1.0), (False, 0.0), (False, 1.0)]
     for r in res.rows:
-        assert r["sweep_step"] == cfg.stage1.steps + cfg.stage2.steps
+        assert r["sweep_step"] == (cfg.stage1.steps if r["warmup"] else 0) + cfg.stage2.steps
         assert r["val_loss"] > 0 and r["val_psnr_2step"] > 0
 
     c = tracking.client(res.tracking_uri)
     trials = runs.trial_runs(cfg, res.parent_run_id)
-    assert sorted(trials) == ["rp0-wu1-s0", "rp0p5-wu1-s0", "rp1-wu1-s0"]
+    assert sorted(trials) == ["rp0-wu0-s0", "rp0-wu1-s0", "rp1-wu0-s0", "rp1-wu1-s0"]
     for key, run in trials.items():
         assert run.info.status == "FINISHED"
         assert float(run.data.params["stage2.replace_prob"]) == float(key[2:].split("-")[0].replace("p", "."))
+        offset = cfg.stage1.steps if "-wu1-" in key else 0
         curve = c.get_metric_history(run.info.run_id, "loss")        # every stage-2 log step, on sweep_step
-        assert sorted(m.step for m in curve) == [cfg.stage1.steps + i for i in range(1, cfg.stage2.steps + 1)]
+        assert sorted(m.step for m in curve) == [offset + i for i in range(1, cfg.stage2.steps + 1)]
         assert "val_psnr_2step" in run.data.metrics and "val_loss" in run.data.metrics
     # the shared warm-up ran once, as a child of the sweep run
     exp = tracking.ensure_experiment(cfg)
@@ -198,13 +201,14 @@ def test_grid_sweep_end_to_end(env):
     assert {"report/summary.md", "report/summary.csv", "report/metric_vs_replace_ratio.png",
             "report/metric_vs_steps.png"} <= arts
     with open(res.report_files["csv"]) as f:
-        assert len(list(csv.DictReader(f))) == 3
-    assert "val CE (1-step)" in Path(res.report_files["markdown"]).read_text()
-    assert c.get_run(res.parent_run_id).data.metrics["trials_finished"] == 3
+        assert len(list(csv.DictReader(f))) == 4
+    md = Path(res.report_files["markdown"]).read_text()
+    assert "val CE (1-step)" in md and "SFVR" in md
+    assert c.get_run(res.parent_run_id).data.metrics["trials_finished"] == 4
 
-    # decode-steps on one of those exports: eval-only trials through the evaluation module, no training
-    export = Path(res.sweep_dir) / "runs" / "rp1-wu1-s0" / "stages" / "stage2" / "export"
-    ds = run_sweep("decode-steps", cfg, name="steps", checkpoint=str(export), steps=[1, 2], concurrency=2)
+    # the decode-steps half ran on the SFVR warm-up trial's export
+    assert ds.name == "grid-decode-steps"
+    assert c.get_run(ds.parent_run_id).data.params["sweep.checkpoint"].endswith("rp1-wu1-s0/stages/stage2/export")
     assert [(r["steps"], r["status"]) for r in ds.rows] == [(1, "finished"), (2, "finished")]
     assert all(r["psnr"] > 0 and "rfid" in r for r in ds.rows)
     md = Path(ds.report_files["markdown"]).read_text()
