@@ -46,7 +46,6 @@ MLflow UI (the exact command is printed at the end of a run)::
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -55,7 +54,8 @@ try:                                   # run as a script from a clone without `p
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sftok.config import ConfigError, load_config  # noqa: E402
+from sftok.config import ConfigError  # noqa: E402
+from sftok_platform.entry import add_config_arguments, config_from_args  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,52 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="See the module docstring (python -m pydoc experiments/full_pipeline.py) "
                                        "for the launch manual.")
-    p.add_argument("--preset", default=None, help="tiny (default) | b64 | l64")
-    p.add_argument("--config", default=None, metavar="FILE", help="YAML config file (instead of --preset)")
-    p.add_argument("--data", default=None, help="prepared shards dir or s3:// URI (default: built-in synthetic)")
-    p.add_argument("--workers", type=int, default=None, help="Ray Train workers per stage")
-    p.add_argument("--gpu", action="store_true", default=None, help="one GPU per worker")
+    add_config_arguments(p)
     p.add_argument("--run-name", default=None, help="run name; the same name resumes, a new one starts afresh")
-    p.add_argument("--root", default=None, help="directory for runs (checkpoints, Ray storage, MLflow db)")
     p.add_argument("--stages", default=None, help="comma-separated subset of stage0,stage1,stage2,stage3")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite in --root)")
     p.add_argument("--with-generator", action="store_true", help="also train the generator (stage 4)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     return p
-
-
-def config_from_args(args: argparse.Namespace):
-    """Preset/config file <- flags <- dotted overrides (the later wins)."""
-    if args.preset and args.config:
-        raise ConfigError("pass either --preset or --config, not both.")
-    source = args.config or args.preset or "tiny"
-    overrides: list[str] = []
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
-    if args.gpu:
-        overrides.append("train.gpu=true")
-    if args.root is not None:
-        overrides.append(f"run.root={args.root}")
-    if args.stages is not None:
-        overrides.append(f"run.stages={args.stages}")
-    if args.tracking_uri is not None:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if args.with_generator:
-        overrides.append("generator.enabled=true")
-    overrides += list(args.set) + list(args.overrides)
-    cfg = load_config(source, overrides, validate=False)
-    if not Path(cfg.run.root).expanduser().is_absolute() and "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:
-        # a Ray job's CWD is its unpacked working_dir in an ephemeral session dir: keep runs out of it
-        cfg.run.root = str(Path("~/sftok").expanduser() / cfg.run.root)
-        print(f"[pipeline] running as a Ray job: run.root={cfg.run.root} (pass --root for shared storage)")
-    if args.run_name is not None:
-        cfg.run.name = args.run_name
-    elif cfg.run.name == "default":
-        cfg.run.name = Path(str(cfg.preset)).stem      # one resumable run per preset unless named
-    return cfg.validate()
 
 
 def main(argv: list[str] | None = None) -> int:

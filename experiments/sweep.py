@@ -61,7 +61,8 @@ try:                                   # run as a script from a clone without `p
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sftok.config import ConfigError, load_config  # noqa: E402
+from sftok.config import ConfigError  # noqa: E402
+from sftok_platform.entry import add_config_arguments, config_from_args  # noqa: E402
 
 
 def _floats(text: str) -> list[float]:
@@ -82,16 +83,7 @@ def _onoff(text: str) -> list[bool]:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    g = common.add_argument_group("config (as in full_pipeline.py)")
-    g.add_argument("--preset", default=None, help="tiny (default) | b64 | l64")
-    g.add_argument("--config", default=None, metavar="FILE", help="YAML config file (instead of --preset)")
-    g.add_argument("--data", default=None, help="prepared shards dir (default: built-in synthetic)")
-    g.add_argument("--workers", type=int, default=None, help="Ray Train workers per trial")
-    g.add_argument("--gpu", action="store_true", default=None, help="one GPU per Train worker")
-    g.add_argument("--root", default=None, help="runs directory (sweeps live in <root>/sweeps/<name>)")
-    g.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default sqlite in --root)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted config override")
-    g.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    add_config_arguments(common.add_argument_group("config (as in full_pipeline.py)"))
     s = common.add_argument_group("sweep")
     s.add_argument("--name", default=None, help="sweep name (default: the sweep kind); same name + --resume continues")
     s.add_argument("--resume", action="store_true", help="restore an interrupted sweep of this name (Tuner.restore)")
@@ -134,30 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace):
-    if args.preset and args.config:
-        raise ConfigError("pass either --preset or --config, not both.")
-    overrides: list[str] = []
-    if args.data is not None:
-        overrides.append(f"data.path={args.data}")
-    if args.workers is not None:
-        overrides.append(f"train.workers={args.workers}")
-    if args.gpu:
-        overrides.append("train.gpu=true")
-    if args.root is not None:
-        overrides.append(f"run.root={args.root}")
-    if args.tracking_uri is not None:
-        overrides.append(f"tracking.uri={args.tracking_uri}")
-    if getattr(args, "objective", None):
-        overrides.append(f"eval.search_objective={args.objective}")
-    overrides += list(args.set) + list(args.overrides)
-    return load_config(args.config or args.preset or "tiny", overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, label="sweep")
         from sftok_platform.sweeps import run_sweep
         common = dict(name=args.name, resume=args.resume, concurrency=args.concurrency,
                       driver_cpus=args.driver_cpus, num_cpus=args.num_cpus, evaluation=args.evaluation)

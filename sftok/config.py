@@ -148,7 +148,9 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     image_every: int = 0                # image grids to MLflow every N steps; 0 = only at the end of a stage
-    max_failures: int = 2
+    max_failures: int = 2               # Ray Train restarts of a stage's worker group; -1 = unlimited
+    # ... but a stage whose last this-many attempts each died before finishing one step is refused
+    max_restarts_without_progress: int = 3
     num_to_keep: int = 2
     compile: bool = False               # torch.compile the trained model's forward (nn.Module.compile, in place)
     # intra-op threads of each worker's torch; 0 = Ray's default (OMP_NUM_THREADS = cpus_per_worker). The
@@ -157,6 +159,15 @@ class TrainConfig:
     # divergence guard: a step whose loss or gradient norm is non-finite on any rank is skipped (no update,
     # no EMA); this many such steps in a row stop the stage with an error. 0 = stop at the first one.
     max_nonfinite_steps: int = 10
+    # how Ray places a stage's workers: PACK (fewest nodes, fastest all-reduce) | SPREAD (one per node where
+    # possible: losing a node costs fewer workers) | STRICT_PACK | STRICT_SPREAD
+    placement_strategy: str = "PACK"
+    # sync: rank 0 copies each checkpoint to storage_path inside the report barrier; async: it writes the
+    # checkpoint to local disk, and Ray uploads it in the background and then deletes the local copy
+    checkpoint_upload: str = "sync"
+    # none: DDP all-reduces fp32 gradients; bf16: compresses them to bf16 for the all-reduce (half the bytes
+    # on the interconnect, torch's bf16_compress_hook; NCCL only)
+    grad_compression: str = "none"
 
 
 @dataclass
@@ -320,6 +331,22 @@ class Config:
         if self.train.max_nonfinite_steps < 0:
             raise ConfigError(f"train.max_nonfinite_steps={self.train.max_nonfinite_steps}: use 0 (stop at the "
                               "first non-finite step) or a positive count of consecutive skipped steps.")
+        if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"train.placement_strategy={self.train.placement_strategy!r}: use PACK, SPREAD, "
+                              "STRICT_PACK or STRICT_SPREAD (Ray placement group strategies).")
+        if self.train.max_failures < -1:
+            raise ConfigError(f"train.max_failures={self.train.max_failures}: use -1 (retry without limit), 0 or "
+                              "a positive number of restarts.")
+        if self.train.max_restarts_without_progress < 1:
+            raise ConfigError(f"train.max_restarts_without_progress={self.train.max_restarts_without_progress}: "
+                              "use a positive number of attempts.")
+        if self.train.grad_compression not in ("none", "bf16"):
+            raise ConfigError(f"train.grad_compression={self.train.grad_compression!r}: use none or bf16.")
+        if self.train.grad_compression == "bf16" and not self.train.gpu:
+            raise ConfigError("train.grad_compression=bf16 compresses NCCL all-reduces: it needs train.gpu=true "
+                              "(--gpu); on CPU (gloo) leave it at none.")
+        if self.train.checkpoint_upload not in ("sync", "async"):
+            raise ConfigError(f"train.checkpoint_upload={self.train.checkpoint_upload!r}: use sync or async.")
         if self.train.workers < 1:
             raise ConfigError(f"train.workers={self.train.workers}: need at least 1 worker.")
         for name in ("stage0", "stage1", "stage2", "stage3"):
@@ -374,7 +401,7 @@ def load_config(preset: str | os.PathLike | None = None, overrides: list[str] | 
         data.setdefault("preset", path.stem if path.parent == PRESET_DIR else data.get("preset", str(path)))
         _merge(cfg, data, where=str(path))
     if overrides:
-        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        items = overrides.items() if isinstance(overrides, dict) else (split_override(o) for o in overrides)
         for dotted, value in items:
             apply_override(cfg, dotted, value)
     return cfg.validate() if validate else cfg
@@ -406,7 +433,7 @@ def apply_override(cfg: Any, dotted: str, value: Any) -> None:
             target = getattr(target, part)
 
 
-def _split_override(text: str) -> tuple[str, Any]:
+def split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like section.key=value (e.g. stage2.replace_prob=0.5).")
     key, raw = text.split("=", 1)
@@ -487,5 +514,5 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 __all__ = [
     "Config", "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "LossConfig", "DataConfig",
     "TrainConfig", "EvalConfig", "TrackingConfig", "RunConfig", "GeneratorConfig", "load_config",
-    "apply_override", "list_presets", "PRESET_DIR",
+    "apply_override", "split_override", "list_presets", "PRESET_DIR",
 ]

@@ -229,8 +229,13 @@ class MaskGITVQGAN(nn.Module):
 
     @torch.no_grad()
     def encode_codes(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B,3,H,W] in [0,1] -> proxy codes [B, (H/f)*(W/f)] (row-major; f = 16 official)."""
-        return self.quantize.codes(self.encoder(images))
+        """Images [B,3,H,W] in [0,1] -> proxy codes [B, (H/f)*(W/f)] (row-major; f = 16 official).
+
+        Always at the weights' precision with autocast off: the codes are the training targets, and under a
+        caller's bf16 autocast near-tie argmins flip, so training and the end-of-stage validation (outside
+        autocast) would see different targets for the same image."""
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self.quantize.codes(self.encoder(images.to(self.quantize.embedding.weight.dtype)))
 
     @torch.no_grad()
     def decode_codes(self, ids: torch.Tensor) -> torch.Tensor:

@@ -259,6 +259,11 @@ def lecam_loss(real_mean: torch.Tensor, fake_mean: torch.Tensor, ema_real: torch
     return F.relu(real_mean - ema_fake).pow(2) + F.relu(ema_real - fake_mean).pow(2)
 
 
+def _fp32(like: torch.Tensor):
+    """Autocast off (fp32) for the perceptual and adversarial passes, on ``like``'s device type."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class Stage3Loss(nn.Module):
     """Stage-3 losses: the generator objective and the discriminator step (SPEC C.3, stage 3).
 
@@ -369,14 +374,15 @@ class Stage3Loss(nn.Module):
         loss = c.reconstruction_weight * mse + self.quantizer_weight * qloss
         metrics = {"mse": mse.detach(), "quantizer_loss": qloss, "mask_ratio": mask.float().mean()}
         if self.lpips is not None:
-            lp = self.lpips(images, recon).mean()
+            with _fp32(recon):                           # official: LPIPS and D's pass in fp32
+                lp = self.lpips(images.float(), recon.float()).mean()
             loss = loss + c.perceptual_weight * lp
             metrics["lpips"] = lp.detach()
         active = self.gan_active(global_step)
         if active:
             disc = unwrap_model(self.discriminator)
-            with frozen_parameters(disc):                # no generator-loss gradient reaches D (see class doc)
-                logits_fake = disc(self.diffaug(recon, generator), generator)
+            with frozen_parameters(disc), _fp32(recon):  # no generator-loss gradient reaches D (see class doc)
+                logits_fake = disc(self.diffaug(recon.float(), generator), generator)
             gan = -logits_fake.float().mean()
             weighted = c.discriminator_weight * c.discriminator_factor * gan
             loss = loss + weighted
@@ -392,10 +398,11 @@ class Stage3Loss(nn.Module):
         if self.discriminator is None:
             raise ValueError("no discriminator: losses.discriminator_weight or discriminator_factor is 0.")
         c = self.cfg
-        real = self.diffaug(images.detach(), generator)
-        fake = self.diffaug(recon.detach(), generator)
-        logits_real = self.discriminator(real, generator).float()
-        logits_fake = self.discriminator(fake, generator).float()
+        real = self.diffaug(images.detach().float(), generator)
+        fake = self.diffaug(recon.detach().float(), generator)
+        with _fp32(recon):
+            logits_real = self.discriminator(real, generator).float()
+            logits_fake = self.discriminator(fake, generator).float()
         hinge = c.discriminator_factor * hinge_d_loss(logits_real, logits_fake)
         real_mean, fake_mean = logits_real.mean(), logits_fake.mean()
         lecam = c.lecam_weight * lecam_loss(real_mean, fake_mean, self.ema_real_logits, self.ema_fake_logits)

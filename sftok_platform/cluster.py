@@ -68,6 +68,62 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0", ""})
+
+
+def is_multi_node(cfg: Optional[Config] = None) -> bool:
+    """Whether Train workers may run on another machine than this driver. A private local Ray: never. A
+    cluster: when it has more than one alive node, or when the job wants GPUs and this node has none (an
+    autoscaling cluster whose CPU-only head is, for now, its only node)."""
+    import ray
+    if ray_address() == "local":
+        return False
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1:
+        return True
+    here = ray.get_runtime_context().get_node_id()
+    mine = next((n for n in nodes if n.get("NodeID") == here), {})
+    return bool(cfg is not None and cfg.train.gpu and mine.get("Resources", {}).get("GPU", 0) < 1)
+
+
+def tracking_uri_for_workers(uri: str, *, multi_node: bool, driver_ip: str) -> str:
+    """The MLflow URI every process of the job uses, Train workers on other nodes included.
+
+    On one machine ``uri`` itself. On a multi-node cluster a loopback host (``http://127.0.0.1:5000``, the
+    documented server on the head, where the driver of ``ray job submit`` runs) becomes this node's IP, and
+    a sqlite store (a file on this machine that the other nodes cannot write safely) is refused."""
+    from urllib.parse import urlsplit, urlunsplit
+    if not multi_node:
+        return uri
+    if uri.startswith("sqlite:"):
+        raise ConfigError(
+            f"MLflow store {uri!r} is a sqlite file, but this cluster's Train workers run on other nodes, which "
+            "cannot write it safely. Run an MLflow server on the head node (ray_cluster.yaml starts one: `mlflow "
+            "server --backend-store-uri sqlite:////mnt/shared/mlflow/mlflow.db --artifacts-destination "
+            "/mnt/shared/mlflow/artifacts --host 0.0.0.0 --port 5000`) and pass --tracking-uri http://<head IP>:5000.")
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https") and (parts.hostname or "") in LOOPBACK_HOSTS:
+        user = parts.netloc.rsplit("@", 1)[0] + "@" if "@" in parts.netloc else ""
+        host = f"[{driver_ip}]" if ":" in driver_ip else driver_ip
+        port = f":{parts.port}" if parts.port else ""
+        return urlunsplit(parts._replace(netloc=f"{user}{host}{port}"))
+    return uri
+
+
+def resolve_tracking_uri(cfg: Config, echo=print) -> str:
+    """Set ``cfg.tracking.uri`` to what every node can reach (:func:`tracking_uri_for_workers`); call after
+    :func:`connect`, in the driver. Returns the URI."""
+    import ray
+    from sftok_platform import tracking
+    uri = tracking.tracking_uri(cfg)
+    resolved = tracking_uri_for_workers(uri, multi_node=is_multi_node(cfg), driver_ip=ray.util.get_node_ip_address())
+    if resolved != uri:
+        echo(f"[cluster] MLflow {uri} is this node's loopback; the workers on other nodes use {resolved}")
+    if cfg.tracking.uri or resolved != uri:
+        cfg.tracking.uri = resolved
+    return resolved
+
+
 def check_resources(cfg: Config, resources: Optional[dict] = None) -> None:
     """Refuse a scaling request the cluster cannot satisfy (ConfigError says how to fix it)."""
     if resources is None:
@@ -90,4 +146,5 @@ def check_resources(cfg: Config, resources: Optional[dict] = None) -> None:
             f"or train.cpus_per_worker, or connect to a bigger cluster (RAY_ADDRESS / ray job submit).")
 
 
-__all__ = ["ray_address", "connect", "check_resources", "free_port"]
+__all__ = ["ray_address", "connect", "check_resources", "free_port", "is_multi_node",
+           "tracking_uri_for_workers", "resolve_tracking_uri"]

@@ -565,7 +565,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fid-method", choices=["auto", "sqrtm", "eigh", "lowrank"], default="auto")
     p.add_argument("--no-ray", action="store_true", help="evaluate in this process instead of a Ray actor pool")
     p.add_argument("--num-actors", type=int, default=None, help="actor pool size (default: #GPUs, or 1)")
-    p.add_argument("--ray-address", default="local", help="'local' (default) starts a local Ray; 'auto' joins one")
+    p.add_argument("--ray-address", default=None,
+                   help="Ray to use: default RAY_ADDRESS (set by `ray job submit`), else a private local Ray; "
+                        "'auto' joins a running one")
     p.add_argument("--out", default="results.json")
     p.add_argument("--tracking-uri", default=None, help="MLflow URI, e.g. sqlite:////abs/path/mlflow.db")
     p.add_argument("--experiment", default="sftok")
@@ -586,7 +588,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.no_ray:
         import ray
         if not ray.is_initialized():
-            ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
+            from sftok_platform.cluster import ray_address
+            ray.init(address=args.ray_address or ray_address(), include_dashboard=False, log_to_driver=False)
     result = evaluate_checkpoint(
         args.checkpoint, args.data, split=args.split, steps=steps, teacher=teacher,
         inception_weights=args.inception_weights, max_images=args.max_images, batch_size=args.batch_size,

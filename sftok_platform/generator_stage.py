@@ -272,7 +272,8 @@ def train_generator(cfg: Config, tokens_dir: str, paths, codebook_size: int, seq
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
             num_workers=t.workers, use_gpu=t.gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})}),
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})},
+            placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -296,3 +296,22 @@ def test_inference_dtype_bf16_keeps_quantizer_fp32(images):
     assert tokens.dtype == torch.long and tokens.shape == (1, 64)
     res = model.decode(tokens, 2, 0.0)
     assert res.logits.dtype == torch.float32 and (res.ids < 1024).all()
+
+
+def test_teacher_codes_do_not_depend_on_the_callers_autocast():
+    """The training loop computes the teacher's target codes inside its bf16 autocast, the end-of-stage check
+    outside it: encode_codes must give the same codes either way (issue: bf16 flips near-tie argmins)."""
+    from sftok.config import load_config
+    from sftok.maskgit_vqgan import MaskGITVQGAN, init_scaled_
+    cfg = load_config("tiny")
+    t = cfg.teacher
+    torch.manual_seed(0)
+    teacher = init_scaled_(MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, cfg.teacher_arch())).eval()
+    images = torch.rand(8, 3, 64, 64)
+    fp32 = teacher.encode_codes(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = teacher.encode_codes(images)
+        with torch.no_grad():
+            naive = teacher.quantize.codes(teacher.encoder(images))   # what the code did before the guard
+    assert torch.equal(in_autocast, fp32)
+    assert (naive != fp32).any(), "bf16 autocast flips no code here, so this test would not catch a regression"

@@ -3,6 +3,8 @@ checkpoint with the same optimizer state and no repeated steps, and a worker tha
 replaced (FailureConfig) and training continues from the last checkpoint."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -130,3 +132,19 @@ def test_a_diverging_stage_stops_loudly_and_keeps_finite_checkpoints(env):
                                            filter_string="tags.mlflow.runName = 'diverge-stage0'")
     assert run and run[0].info.status == "FAILED"
     assert run[0].data.metrics.get("nonfinite_steps", 0) >= 3
+
+
+def test_async_checkpoint_upload_lands_in_storage(env):
+    """train.checkpoint_upload=async (the b64/l64 default): checkpoints are staged on local disk and uploaded
+    by Ray in the background; the kept ones are complete in storage and the staging dirs are removed."""
+    import tempfile
+    cfg = stage1_config(env, "async", "train.checkpoint_upload=async", "train.max_failures=0")
+    staged_before = set(Path(tempfile.gettempdir()).glob("sftok-ckpt-*"))
+    result = run_stage(cfg, "stage1", shards=env["shards"], inputs={"teacher": env["teacher"]})
+    paths = ckpt.StagePaths(env["root"] / "async", "stage1")
+    ray_dir = ckpt.storage_path(paths.run_dir) / ckpt.ray_run_name("async", "stage1")
+    kept = sorted(d.name for d in ray_dir.glob("step_*"))
+    assert kept == ["step_0000004", "step_0000006"]          # num_to_keep=2
+    assert [ckpt.load_state(ray_dir / k)["step"] for k in kept] == [4, 6]
+    assert ckpt.is_done(paths) and result.metrics["val_loss"] > 0
+    assert set(Path(tempfile.gettempdir()).glob("sftok-ckpt-*")) <= staged_before, "staging dirs left behind"

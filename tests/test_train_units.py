@@ -196,6 +196,15 @@ def test_cli_flags_and_overrides(tmp_path):
     cfg = full_pipeline.config_from_args(args)
     assert cfg.run.name == "try2" and cfg.train.gpu and cfg.model.encoder_size == "base"
     assert full_pipeline.main(["--root", str(tmp_path), "stage1.bogus=1"]) == 2
+    # flag values set typed fields as given (no YAML re-parse: 0123 is not octal 83, off is not False)
+    args = full_pipeline.build_parser().parse_args(["--data", "0123", "--root", "off", "--tracking-uri", "sqlite:///x.db"])
+    cfg = full_pipeline.config_from_args(args)
+    assert cfg.data.path == "0123" and cfg.run.root == "off" and cfg.tracking.uri == "sqlite:///x.db"
+    # dotted overrides win over flags (preset <- flags <- overrides)
+    args = full_pipeline.build_parser().parse_args(["--workers", "2", "train.workers=4"])
+    assert full_pipeline.config_from_args(args).train.workers == 4
+    with pytest.raises(ConfigError, match="--data is empty"):
+        full_pipeline.config_from_args(full_pipeline.build_parser().parse_args(["--data", ""]))
 
 
 def test_summary_table_lists_every_stage():
@@ -284,3 +293,40 @@ def test_train_compile_keeps_names_and_the_eager_loss(tmp_path):
     eager, compiled = step(False), step(True)
     torch.testing.assert_close(compiled[0], eager[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(compiled[1], eager[1], rtol=1e-3, atol=1e-5)
+
+
+def test_gpu_acceptance_script_passes_on_cpu(tmp_path):
+    """bench/gpu_acceptance.py (what a GPU machine runs unattended) on CPU with the tiny preset: every stage
+    steps through DDP (gloo), the teacher codes ignore autocast, checkpoint + resume reproduce the next loss."""
+    import json
+    import subprocess
+    out = tmp_path / "acceptance.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_acceptance.py"), "--device", "cpu", "--preset",
+                           "tiny", "--batch", "2", "--steps", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["passed"] and set(result["stages"]) == {"stage0", "stage1", "stage2", "stage3"}
+    assert result["ddp_backend"] == "gloo" and result["resume"]["loss_after_resume"] == result["resume"]["loss_before"]
+
+
+def test_restarts_that_cannot_help_are_refused(tmp_path):
+    """Ray's retries (max_failures -1 on b64/l64) stop for a crash loop (3 attempts of this launch without a
+    finished step) and for a replay of a divergence with the same config; a new launch or config may go on."""
+    from sftok_platform.train.loop import StageDiverged, config_fingerprint, refuse_hopeless_restart
+    cfg = load_config("tiny")
+    paths = ckpt.StagePaths(tmp_path, "stage1")
+    ckpt.journal(paths, event="start", t=10.0, step=0)
+    ckpt.journal(paths, step=1, loss=1.0, t=11.0)
+    for t in (20.0, 21.0):
+        ckpt.journal(paths, event="start", t=t, step=0)
+    refuse_hopeless_restart(paths, cfg, 0, rank=0, launched_at=15.0)          # 2 fruitless attempts: go on
+    ckpt.journal(paths, event="start", t=22.0, step=0)
+    with pytest.raises(RuntimeError, match="last 3 attempts each failed before finishing a step"):
+        refuse_hopeless_restart(paths, cfg, 0, rank=0, launched_at=15.0)
+    refuse_hopeless_restart(paths, cfg, 0, rank=0, launched_at=30.0)          # the user's rerun: a new launch
+    ckpt.journal(paths, step=1, loss=1.0, t=31.0)
+    ckpt.journal(paths, event="diverged", step=5, config=config_fingerprint(cfg), message="stage1 diverged: x")
+    with pytest.raises(StageDiverged, match="stage1 diverged: x"):
+        refuse_hopeless_restart(paths, cfg, 4, rank=0, launched_at=30.0)
+    refuse_hopeless_restart(paths, load_config("tiny", ["stage1.lr=1e-4"]), 4, rank=0, launched_at=30.0)

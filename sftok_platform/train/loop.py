@@ -144,11 +144,26 @@ def config_fingerprint(cfg: Config) -> str:
     return hashlib.sha1(cfg.to_yaml().encode()).hexdigest()[:12]
 
 
-def check_not_diverged_before(paths: ckpt.StagePaths, cfg: Config, start_step: int, rank: int) -> None:
-    """A retry (Ray's ``max_failures``) of a stage that diverged with this same config would replay the same
-    steps from its last checkpoint into the same divergence: refuse at once. A changed config may go on."""
+def refuse_hopeless_restart(paths: ckpt.StagePaths, cfg: Config, start_step: int, rank: int,
+                            launched_at: float = 0.0) -> None:
+    """Stop Ray's retries (``train.max_failures``, -1 = unlimited on the b64/l64 presets) where they cannot
+    help: a stage that diverged with this same config would replay the same steps from its last checkpoint
+    into the same divergence (a changed config may go on); and a stage whose last
+    ``train.max_restarts_without_progress`` attempts since this launch (``run_stage``'s ``fit()``, at
+    ``launched_at``) each died before finishing a step is crash-looping."""
+    journal = ckpt.read_journal(paths)
+    fruitless = 0
+    for entry in journal:
+        if entry.get("event") == "start":
+            fruitless += entry.get("t", 0.0) >= launched_at
+        elif "loss" in entry:
+            fruitless = 0
+    if fruitless >= cfg.train.max_restarts_without_progress:
+        raise RuntimeError(f"{paths.stage}: the last {fruitless} attempts each failed before finishing a step; "
+                           "not restarting again (train.max_restarts_without_progress). See the worker errors "
+                           "above, fix the cause and rerun the same command to resume.")
     fp = config_fingerprint(cfg)
-    for entry in ckpt.read_journal(paths):
+    for entry in journal:
         if entry.get("event") == "diverged" and entry.get("config") == fp and int(entry.get("step", 0)) > start_step:
             if rank == 0:
                 ckpt.journal(paths, event="refused_replay", step=start_step, t=round(time.time(), 3))
@@ -262,7 +277,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             seed_everything(cfg.train.seed + 1000 * rank + start_step)
         del state
-    check_not_diverged_before(paths, cfg, start_step, rank)
+    refuse_hopeless_restart(paths, cfg, start_step, rank, config.get("launched_at", 0.0))
 
     step_module = ray.train.torch.prepare_model(parts.step_module, move_to_device=False,
                                                 parallel_strategy="ddp" if world > 1 else None)
@@ -270,6 +285,11 @@ def train_loop_per_worker(config: dict) -> None:
     if parts.aux_module is not None:
         aux_module = ray.train.torch.prepare_model(parts.aux_module, move_to_device=False,
                                                    parallel_strategy="ddp" if world > 1 else None)
+    if cfg.train.grad_compression == "bf16" and world > 1:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
+        for wrapped in (step_module, aux_module):
+            if hasattr(wrapped, "register_comm_hook"):
+                wrapped.register_comm_hook(None, bf16_compress_hook)
 
     log = StageLogger(config["tracking"]["uri"], config["tracking"].get("run_id"), enabled=rank == 0,
                       system_metrics=config["tracking"].get("system_metrics", True))
@@ -416,10 +436,19 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
     state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
              "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "aux": parts.aux_state(),
              "rng": rng_all, "config": cfg.to_yaml()}
+    name = f"step_{step:07d}"
+    if cfg.train.checkpoint_upload == "async":
+        # staged on local disk; Ray copies it to storage_path in the background and deletes the stage dir,
+        # so training waits for the local torch.save only, not for the shared file system or object store
+        from ray.train import CheckpointUploadMode
+        d = tempfile.mkdtemp(prefix="sftok-ckpt-")
+        ckpt.save_state(d, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True)
+        return
     with tempfile.TemporaryDirectory(prefix="sftok-ckpt-") as d:
         ckpt.save_state(d, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:07d}")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
 def _log_progress_grid(parts: StageParts, log: StageLogger, stage: str, images: torch.Tensor, step: int) -> None:

@@ -185,7 +185,7 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from sftok_platform.cluster import check_resources, connect
+    from sftok_platform.cluster import check_resources, connect, resolve_tracking_uri
     from sftok_platform.data import read_split
     from sftok_platform.train.loop import train_loop_per_worker
 
@@ -205,6 +205,7 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
             raise ConfigError("stage 3 cannot start:\n  - " + "\n  - ".join(problems))
     resources = connect(cfg)
     check_resources(cfg, resources)
+    resolve_tracking_uri(cfg)
     rdir.mkdir(parents=True, exist_ok=True)
     if not (rdir / "config.yaml").is_file():
         cfg.save(rdir / "config.yaml")
@@ -218,12 +219,14 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
         "cfg": cfg.to_dict(), "stage": stage, "run_dir": str(rdir), "inputs": inputs,
         "tracking": {"uri": tracking.tracking_uri(cfg), "run_id": run_id, "system_metrics": cfg.tracking.system_metrics},
         "ray_storage": str(storage / name), "debug": debug,
+        "launched_at": time.time(),      # attempts after this count towards train.max_restarts_without_progress
     }
     image_size = cfg.model.image_size
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=per_worker),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=per_worker,
+                                               placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
@@ -275,9 +278,10 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
     check_same_run(cfg, rdir)
     preflight(cfg, stages)
 
-    from sftok_platform.cluster import check_resources, connect
+    from sftok_platform.cluster import check_resources, connect, resolve_tracking_uri
     resources = connect(cfg)
     check_resources(cfg, resources)
+    resolve_tracking_uri(cfg, echo=echo)
     rdir.mkdir(parents=True, exist_ok=True)
     cfg.save(rdir / "config.yaml")
 
