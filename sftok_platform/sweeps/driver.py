@@ -578,7 +578,11 @@ def _notes(cfg: Config, kind: str, evaluation: str) -> list[str]:
         notes.append(f"step budget {cfg.stage1.steps + cfg.stage2.steps} (stage 1 + stage 2), split per trial by "
                      f"stage1_fraction; global batch {cfg.stage2.global_batch_size}. Optuna maximises "
                      f"{reporting.objective(cfg)[0]}; ASHA stops on the training loss at equal steps.")
-    if evaluation == "val":
+    if kind == "decode-steps":
+        notes.append("Metric: the evaluation module (sftok_platform.evaluate) on the val split at each step count; "
+                     "a stage-1/2 export decodes its hard codes through the teacher decoder, a stage-3 export "
+                     "through its own pixel head.")
+    elif evaluation == "val":
         notes.append(f"Metric: validation of the stage-2 EMA model on {cfg.eval.stage_val_images} images of the val "
                      "split (eval.stage_val_images): val CE = 1-step cross-entropy "
                      "against the teacher codes; PSNR / token accuracy after n-step deterministic decoding "
