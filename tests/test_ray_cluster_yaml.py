@@ -80,7 +80,9 @@ def test_token_auth_head_starts_and_refuses_a_client_without_the_token(tmp_path)
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     token = (home / ".ray" / "auth_token").read_text().strip()
     assert len(token) >= 16
-    temp = tmp_path / "ray"          # a short private session dir (unix socket paths are length-limited)
+    import shutil
+    import tempfile
+    temp = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))   # short: unix socket paths are limited to 107 bytes
     start = subprocess.run(["ray", "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                             "--object-store-memory=100000000", f"--temp-dir={temp}"], env=env, capture_output=True, text=True, timeout=120)
     try:
@@ -94,6 +96,7 @@ def test_token_auth_head_starts_and_refuses_a_client_without_the_token(tmp_path)
         assert bad.returncode != 0 and "token" in (bad.stdout + bad.stderr).lower(), bad.stdout + bad.stderr
     finally:
         _kill_processes_of(temp)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _kill_processes_of(temp_dir) -> None:
