@@ -101,7 +101,8 @@ class StageStep:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.parts.model)
-        self.parts.aux_step(self.parts.aux_module, images, i) if self.parts.aux_module is not None else None
+        if self.parts.aux_module is not None:      # stage 3: the discriminator's own step
+            self.parts.aux_step(self.parts.aux_module, images, i)
         return float(loss.detach())
 
     def state(self) -> dict:
