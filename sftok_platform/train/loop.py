@@ -162,12 +162,20 @@ def refuse_hopeless_restart(paths: ckpt.StagePaths, cfg: Config, start_step: int
         raise RuntimeError(f"{paths.stage}: the last {fruitless} attempts each failed before finishing a step; "
                            "not restarting again (train.max_restarts_without_progress). See the worker errors "
                            "above, fix the cause and rerun the same command to resume.")
+    message = divergence_message(paths, cfg, after_step=start_step)
+    if message:
+        if rank == 0:
+            ckpt.journal(paths, event="refused_replay", step=start_step, t=round(time.time(), 3))
+        raise StageDiverged(message)
+
+
+def divergence_message(paths: ckpt.StagePaths, cfg: Config, after_step: int = -1) -> Optional[str]:
+    """The journal's message of a divergence of this stage with this same config beyond ``after_step``."""
     fp = config_fingerprint(cfg)
-    for entry in journal:
-        if entry.get("event") == "diverged" and entry.get("config") == fp and int(entry.get("step", 0)) > start_step:
-            if rank == 0:
-                ckpt.journal(paths, event="refused_replay", step=start_step, t=round(time.time(), 3))
-            raise StageDiverged(entry["message"])
+    for entry in reversed(ckpt.read_journal(paths)):
+        if entry.get("event") == "diverged" and entry.get("config") == fp and int(entry.get("step", 0)) > after_step:
+            return entry["message"]
+    return None
 
 
 def codebook_stats(counts: torch.Tensor) -> dict[str, float]:

@@ -152,11 +152,10 @@ def ordered_stages(stages: list[str]) -> list[str]:
 def _raise_if_diverged(paths: ckpt.StagePaths, cfg: Config, error: BaseException) -> None:
     """A stage that failed because it diverged (the loop's journal says so) raises ``StageDiverged`` with the
     loop's own message instead of Ray's wrapped worker traceback."""
-    from sftok_platform.train.loop import StageDiverged, config_fingerprint
-    fp = config_fingerprint(cfg)
-    for entry in reversed(ckpt.read_journal(paths)):
-        if entry.get("event") == "diverged" and entry.get("config") == fp:
-            raise StageDiverged(entry["message"]) from error
+    from sftok_platform.train.loop import StageDiverged, divergence_message
+    message = divergence_message(paths, cfg)
+    if message:
+        raise StageDiverged(message) from error
 
 
 def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[str] = None,
