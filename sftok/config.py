@@ -365,7 +365,63 @@ class Config:
         if unknown:
             raise ConfigError(f"run.stages has unknown entries {sorted(unknown)}; "
                               "use a subset of stage0, stage1, stage2, stage3, stage4.")
+        if not self.eval.steps or any(not isinstance(n, int) or n < 1 for n in self.eval.steps):
+            raise ConfigError(f"eval.steps={self.eval.steps}: list one or more decoding step counts >= 1, "
+                              "e.g. eval.steps=[1,2,4,8].")
+        for key, value, rule in self._range_rules():
+            if not _RANGES[rule][0](value):
+                raise ConfigError(f"{key}={value!r} is out of range: it must be {_RANGES[rule][1]}.")
         return self
+
+    def _range_rules(self):
+        """(dotted key, value, rule name) for every numeric knob with a bounded range (rules: ``_RANGES``)."""
+        m, t, tr, ev, d, ls, g = (self.model, self.teacher, self.train, self.eval, self.data, self.losses,
+                                  self.generator)
+        rules = [(f"model.{k}", getattr(m, k), "count") for k in (
+            "image_size", "patch_size", "num_latent_tokens", "token_size", "codebook_size", "sinkhorn_iters",
+            "teacher_codebook_size", "num_proxy_codes", "pixel_hidden_channels", "pixel_z_channels")]
+        rules += [("model.commitment_cost", m.commitment_cost, "nonneg"),
+                  ("model.sinkhorn_epsilon", m.sinkhorn_epsilon, "positive")]
+        rules += [(f"teacher.{k}", getattr(t, k), "count") for k in (
+            "hidden_channels", "codebook_size", "z_channels", "num_res_blocks")]
+        rules += [(f"train.{k}", getattr(tr, k), "count") for k in (
+            "cpus_per_worker", "log_every", "checkpoint_every", "num_to_keep")]
+        rules += [("train.ema_decay", tr.ema_decay, "unit_open"), ("train.grad_clip", tr.grad_clip, "positive"),
+                  ("train.image_every", tr.image_every, "nonneg")]
+        rules += [("eval.temperature", ev.temperature, "nonneg"), ("eval.max_images", ev.max_images, "nonneg"),
+                  ("eval.batch_size", ev.batch_size, "count"),
+                  ("data.synthetic_images", d.synthetic_images, "count"),
+                  ("data.synthetic_val_images", d.synthetic_val_images, "count")]
+        rules += [(f"losses.{k}", getattr(ls, k), "nonneg") for k in (
+            "reconstruction_weight", "perceptual_weight", "discriminator_weight", "discriminator_factor",
+            "discriminator_start", "lecam_weight")]
+        rules += [("losses.discriminator_lr", ls.discriminator_lr, "positive"),
+                  ("losses.diffaug_cutout", ls.diffaug_cutout, "unit")]
+        for name in ("stage0", "stage1", "stage2", "stage3"):
+            st: StageConfig = getattr(self, name)
+            rules += [(f"{name}.global_batch_size", st.global_batch_size, "count"),
+                      (f"{name}.grad_accum", st.grad_accum, "count"),
+                      (f"{name}.lr", st.lr, "positive"), (f"{name}.end_lr", st.end_lr, "nonneg"),
+                      (f"{name}.beta1", st.beta1, "unit_open"), (f"{name}.beta2", st.beta2, "unit_open"),
+                      (f"{name}.weight_decay", st.weight_decay, "nonneg"),
+                      (f"{name}.unmasked_weight", st.unmasked_weight, "nonneg"),
+                      (f"{name}.quantizer_weight", st.quantizer_weight, "nonneg"),
+                      (f"{name}.label_smoothing", st.label_smoothing, "unit_open")]
+            if name in self.run.stages:
+                rules.append((f"{name}.steps", st.steps, "count"))
+        rules += [(f"generator.{k}", getattr(g, k), "count") for k in (
+            "width", "layers", "heads", "mlp_dim", "num_classes", "global_batch_size", "sample_steps",
+            "samples_per_class")]
+        rules += [(f"generator.{k}", getattr(g, k), "unit_open") for k in (
+            "dropout", "label_smoothing", "class_dropout", "beta1", "beta2")]
+        rules += [("generator.lr", g.lr, "positive"), ("generator.end_lr", g.end_lr, "nonneg"),
+                  ("generator.warmup_steps", g.warmup_steps, "nonneg"),
+                  ("generator.weight_decay", g.weight_decay, "nonneg"),
+                  ("generator.guidance_scale", g.guidance_scale, "nonneg"),
+                  ("generator.temperature", g.temperature, "nonneg")]
+        if "stage4" in self.run.stages or g.enabled:
+            rules.append(("generator.steps", g.steps, "count"))
+        return rules
 
 
 # ######################################################################################################
@@ -498,6 +554,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects a string, got {value!r}.")
         return str(value)
     return value
+
+
+# rule name -> (predicate, what the message says the value must be)
+_RANGES = {
+    "count": (lambda v: v >= 1, "a whole number >= 1"),
+    "positive": (lambda v: v > 0, "> 0"),
+    "nonneg": (lambda v: v >= 0, ">= 0"),
+    "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "unit_open": (lambda v: 0 <= v < 1, "in [0, 1)"),
+}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

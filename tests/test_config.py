@@ -88,6 +88,20 @@ def test_type_errors(override, match):
     ("stage2.replace_prob=1.5", r"must lie in \[0, 1\]"),
     ("stage1.steps=-1", ">= 0"),
     ("run.stages=[stage1,stage9]", "unknown entries"),
+    # zero, negative and empty values: refused here, before Ray or any compute starts
+    ("eval.steps=[0]", r"decoding step counts >= 1"),
+    ("eval.steps=[]", r"decoding step counts >= 1"),
+    ("stage1.lr=-1", r"stage1.lr=-1.0 is out of range: it must be > 0"),
+    ("stage1.global_batch_size=0", r"stage1.global_batch_size=0 is out of range: it must be a whole number >= 1"),
+    ("stage3.steps=0", r"stage3.steps=0 is out of range"),
+    ("stage2.beta2=1.0", r"in \[0, 1\)"),
+    ("eval.batch_size=0", "eval.batch_size=0"),
+    ("train.ema_decay=1", r"in \[0, 1\)"),
+    ("train.log_every=0", "train.log_every=0"),
+    ("data.synthetic_images=0", "data.synthetic_images=0"),
+    ("losses.discriminator_lr=0", "must be > 0"),
+    ("model.codebook_size=0", "model.codebook_size=0"),
+    ("generator.width=0", "generator.width=0"),
 ])
 def test_validate_messages(override, match):
     with pytest.raises(ConfigError, match=match):
