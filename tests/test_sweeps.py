@@ -59,6 +59,13 @@ def test_spaces_and_trial_overrides():
     assert over["train.seed"] == cfg.train.seed + 2
     assert spaces.split_budget(10, 1.0) == (9, 1)          # stage 2 always trains
     assert spaces.split_budget(10, 0.0) == (0, 10)
+    # no warm-up share: stage 1 leaves run.stages, so the trial config validates (stage steps must be >= 1)
+    none = spaces.trial_overrides({"stage1_fraction": 0.0}, cfg, budget=10)
+    assert none["stage1.steps"] == 0 and "stage1" not in none["run.stages"] and "stage2" in none["run.stages"]
+    from sftok.config import apply_override
+    for k, v in none.items():
+        apply_override(cfg, k, v)
+    cfg.validate()
     assert spaces.trial_key({"replace_prob": 0.5, "warmup": False, "seed": 1}) == "rp0p5-wu0-s1"
     assert spaces.trial_key({"steps": 8}) == "steps8"
     assert spaces.trial_key({"lr": 1e-3, "stage1_fraction": 0.1}, "abc_00001") == "t-abc_00001"

@@ -130,6 +130,8 @@ def trial_overrides(params: dict, base: Config, *, budget: Optional[int] = None)
         out["stage2.steps"] = s2
         for st, n in (("stage1", s1), ("stage2", s2)):   # a short stage must still leave the warm-up
             out[f"{st}.warmup_steps"] = min(getattr(base, st).warmup_steps, max(n // 4, 0))
+        if s1 == 0:                                     # no warm-up: stage 1 does not run at all
+            out["run.stages"] = [s for s in base.run.stages if s != "stage1"]
     return out
 
 
