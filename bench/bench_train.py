@@ -27,7 +27,7 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sftok.config import load_config  # noqa: E402
+from sftok_platform.config import load_config  # noqa: E402
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}

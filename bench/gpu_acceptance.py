@@ -34,7 +34,7 @@ except ImportError:
 
 import torch  # noqa: E402
 
-from sftok.config import load_config  # noqa: E402
+from sftok_platform.config import load_config  # noqa: E402
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
 RANDOM_LOSS_WEIGHTS = ["losses.vgg16_weights=random", "losses.lpips_heads=random", "losses.dino_weights=random",

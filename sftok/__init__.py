@@ -7,12 +7,12 @@
     model = sftok.from_official("pytorch_model.bin", "infer_sftok.yaml")
 """
 from sftok.checkpoint import from_official, load_model, save_model
-from sftok.config import Config, ConfigError, ModelConfig, load_config
+from sftok.config import ConfigError, ModelConfig
 from sftok.maskgit_vqgan import MaskGITVQGAN, load_teacher
 from sftok.model import SFTok
 from sftok.registry import create_model, list_models
 
 __all__ = [
     "SFTok", "MaskGITVQGAN", "create_model", "list_models", "from_official", "load_model", "save_model",
-    "load_teacher", "load_config", "Config", "ConfigError", "ModelConfig",
+    "load_teacher", "ConfigError", "ModelConfig",
 ]

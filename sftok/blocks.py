@@ -18,6 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ViT sizes shared by the encoder and the multi-step decoder (SPEC B.1); sftok.registry names models by them.
+# name: (width, layers, heads)
+VIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "tiny": (128, 2, 4),
+    "small": (512, 8, 8),
+    "base": (768, 12, 12),
+    "large": (1024, 24, 16),
+}
+
 _ATTENTION_IMPL = "sdpa"
 
 

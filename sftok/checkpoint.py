@@ -20,8 +20,10 @@ from typing import Any, Mapping
 import torch
 import yaml
 
+from sftok.blocks import VIT_SIZES
 from sftok.config import ConfigError, ModelConfig
-from sftok.registry import VIT_SIZES
+from sftok.model import SFTok
+from sftok.weights import WeightsFileError, read_state_dict  # noqa: F401 - re-exported
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -38,29 +40,6 @@ class CheckpointError(ValueError):
 # ######################################################################################################
 # Reading raw state dicts
 # ######################################################################################################
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` or torch ``.bin/.pt/.pth`` file (``weights_only=True``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every reader error means the same thing to the user
-        raise CheckpointError(f"could not read checkpoint {str(path)!r} ({type(e).__name__}: {str(e)[:200]}). "
-                              "The file is corrupt, truncated or not a weights file: re-download or re-save "
-                              "it (pickled objects other than tensors are refused on purpose).") from None
-    for wrapper in ("state_dict", "model", "module"):   # common training-script wrappers
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], Mapping):
-            state = state[wrapper]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{str(path)!r} does not hold a flat state dict of tensors.")
-    return dict(state)
-
 
 def normalize_official_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename old official keys and strip DDP/compile prefixes (``module.``, ``_orig_mod.``)."""
@@ -260,7 +239,6 @@ def from_official(weights: str | os.PathLike | Mapping[str, torch.Tensor],
     ``config``: an official YAML/``config.json`` (path or dict), a :class:`ModelConfig`, or None to read the
     architecture from the weights (a ``config.json`` next to the weights is used when present).
     """
-    from sftok.model import SFTok
     source = "state dict"
     if isinstance(weights, Mapping):
         state = normalize_official_keys(weights)
@@ -328,7 +306,6 @@ def load_model(path: str | os.PathLike, map_location: str | torch.device = "cpu"
     Official checkpoints (a ``pytorch_model.bin``, or an HF directory whose config.json is the official
     OmegaConf dict) are recognised and routed through :func:`from_official`.
     """
-    from sftok.model import SFTok
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")

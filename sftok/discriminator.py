@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from sftok.weights import exclude_from_state_dict, load_state_dict_file, resolve_weight, strip_prefixes
+from sftok.weights import exclude_from_state_dict, read_state_dict, resolve_weight, strip_prefixes
 
 DINO_ARCHS: dict[str, dict] = {
     "vit_s16": dict(embed_dim=384, depth=12, num_heads=6),   # DINO ViT-S/16 (the official discriminator)
@@ -109,7 +109,7 @@ def build_dino_backbone(arch: str = "vit_s16") -> nn.Module:
 
 def load_dino_backbone(backbone: nn.Module, path, key: str = "losses.dino_weights") -> None:
     """Strict load of a DINO/DeiT-layout state_dict (``module.``/``backbone.`` prefixes and heads dropped)."""
-    sd = strip_prefixes(load_state_dict_file(path, key), ("module.",))
+    sd = strip_prefixes(read_state_dict(path, key), ("module.",))
     if any(k.startswith("backbone.") for k in sd):       # DINO training checkpoint: backbone.* + head.*
         sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}     # DINO projection / DeiT classifier

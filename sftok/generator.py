@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sftok.config import GeneratorConfig
+from sftok.weights import read_state_dict
 
 __all__ = [
     "MaskGITGenerator", "mask_tokens", "mlm_loss", "training_loss", "cfg_logits", "count_parameters",
@@ -367,7 +368,6 @@ def load_generator(directory, map_location="cpu") -> MaskGITGenerator:
     import json
     from pathlib import Path
 
-    from safetensors.torch import load_file
     directory = Path(directory)
     cfg_file, weights = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not cfg_file.is_file() or not weights.is_file():
@@ -378,7 +378,7 @@ def load_generator(directory, map_location="cpu") -> MaskGITGenerator:
         raise ValueError(f"{cfg_file} is not a generator config (format={meta.get('format')!r}).")
     model = MaskGITGenerator(GeneratorConfig(**meta["generator"]), codebook_size=int(meta["codebook_size"]),
                              seq_len=int(meta["seq_len"]))
-    model.load_state_dict(normalize_official_keys(load_file(str(weights))))
+    model.load_state_dict(normalize_official_keys(read_state_dict(weights)))
     return model.to(map_location).eval()
 
 

@@ -28,6 +28,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     InceptionE_2,
 )
 
+from sftok.weights import read_state_dict
+
 PAPER_WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 # Full SHA-256 of that file. torch.hub checks the 8-hex prefix in the name; the full digest is the one
 # recorded for both pytorch-fid's pt_inception-... and torch-fidelity's weights-inception-... file.
@@ -124,12 +126,7 @@ def load_inception_state_dict(path: str | os.PathLike) -> tuple[dict, str]:
             f"(torch-fidelity's weights-inception-2015-12-05-6726825d.pth is the same file). Download it once "
             f"and pass its path; nothing is downloaded at run time. Pass '' for random weights (not comparable).")
     sha = sha256_file(p)
-    state = torch.load(p, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{p} does not hold a state_dict (got {type(state).__name__}).")
-    return state, sha
+    return read_state_dict(p, "eval.inception_weights"), sha
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftok.weights import load_state_dict_file, resolve_weight
+from sftok.weights import read_state_dict, resolve_weight
 
 # torchvision vgg16.features index ranges ending at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))
@@ -52,9 +52,9 @@ class LPIPS(nn.Module):
         vgg_path = resolve_weight(vgg16_weights, "losses.vgg16_weights", allow_random=allow_random)
         heads_path = resolve_weight(heads_weights, "losses.lpips_heads", allow_random=allow_random)
         if vgg_path is not None:
-            self._load_vgg(load_state_dict_file(vgg_path, "losses.vgg16_weights"), str(vgg_path))
+            self._load_vgg(read_state_dict(vgg_path, "losses.vgg16_weights"), str(vgg_path))
         if heads_path is not None:
-            self._load_heads(load_state_dict_file(heads_path, "losses.lpips_heads"), str(heads_path))
+            self._load_heads(read_state_dict(heads_path, "losses.lpips_heads"), str(heads_path))
         else:   # random heads: positive, so the distance stays a (meaningless but) non-negative sum
             for head, c in zip(self.heads, _CHANNELS):
                 nn.init.constant_(head.weight, 1.0 / c)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from timm.layers import create_conv2d
 from torch import nn
 
+from sftok.weights import read_state_dict
+
 CHANNEL_MULT = (1, 1, 2, 2, 4)
 TEACHER_FILE = "maskgit-vqgan-imagenet-f16-256.bin"
 TEACHER_SOURCE = "the Hugging Face repo fun-research/TiTok"
@@ -269,7 +271,6 @@ def init_scaled_(model: nn.Module) -> nn.Module:
 def load_teacher(path: str | os.PathLike, hidden_channels: int = 128, codebook_size: int = 1024,
                  z_channels: int = 256, arch: VQGANArch | dict | None = None) -> MaskGITVQGAN:
     """Strictly load the official teacher weights (``.bin`` via weights_only, or ``.safetensors``)."""
-    from sftok.checkpoint import read_state_dict  # local import: checkpoint imports this module
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(

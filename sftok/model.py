@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sftok.blocks import init_official_
+from sftok.blocks import VIT_SIZES, init_official_
 from sftok.config import ConfigError, ModelConfig
 from sftok.decoder import MultiStepDecoder
 from sftok.decoding import DecodeResult, multistep_decode
@@ -31,7 +31,6 @@ class SFTok(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from sftok.registry import VIT_SIZES
         for key in ("encoder_size", "decoder_size"):
             if getattr(cfg, key) not in VIT_SIZES:
                 raise ConfigError(f"ModelConfig.{key}={getattr(cfg, key)!r}; use one of {sorted(VIT_SIZES)}.")

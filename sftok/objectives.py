@@ -33,7 +33,7 @@ from sftok.ema import unwrap_model
 from sftok.lpips import LPIPS
 from sftok.masking import arccos_mask, check_mask, decoder_input_ids, replacement_draw
 from sftok.optim import build_adamw
-from sftok.weights import exclude_from_state_dict
+from sftok.weights import exclude_from_state_dict, is_random
 
 
 # ######################################################################################################
@@ -151,7 +151,6 @@ def stage0_lpips(loss_cfg) -> Optional[LPIPS]:
     Stage 0 is this project's addition, so missing files are not an error here, and random backbones
     (``"random"``) are not used either: a random perceptual term would only add noise to the teacher.
     """
-    from sftok.weights import is_random
     paths = (loss_cfg.vgg16_weights, loss_cfg.lpips_heads)
     if loss_cfg.perceptual_weight <= 0 or any(not p or is_random(p) for p in paths):
         return None

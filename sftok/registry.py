@@ -9,15 +9,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from sftok.blocks import VIT_SIZES  # noqa: F401 - re-exported: sizes are named here
 from sftok.config import ConfigError, ModelConfig
+from sftok.model import SFTok
 
-# name: (width, layers, heads)
-VIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "tiny": (128, 2, 4),
-    "small": (512, 8, 8),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
-}
 
 MODEL_CONFIGS: dict[str, Callable[[], ModelConfig]] = {
     # tiny: the reference bundle (codebook 1024, pixel decoder hidden 32)
@@ -58,7 +53,6 @@ def create_model(name: str, device: "str | None" = None, **overrides):
 
     import torch
 
-    from sftok.model import SFTok
     cfg = model_config(name, **overrides)
     with torch.device(device) if device is not None else contextlib.nullcontext():
         return SFTok(cfg)

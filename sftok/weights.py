@@ -97,28 +97,38 @@ def resolve_weight(value: Optional[str], key: str, *, allow_random: bool = False
     return path
 
 
-def load_state_dict_file(path: str | os.PathLike, key: str = "") -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects.
+class WeightsFileError(ValueError):
+    """A weights or checkpoint file that cannot be read safely (corrupt, truncated, pickled objects)."""
 
-    Torch files are read with ``weights_only=True``. A file that holds a dict with a single nested state
-    (``{"state_dict": ...}``, ``{"model": ...}``, DINO's ``{"teacher": ...}``) is unwrapped.
+
+def read_state_dict(path: str | os.PathLike, key: str = "") -> dict[str, torch.Tensor]:
+    """The one safe reader of weight files: tensors of a ``.safetensors`` or torch ``.bin/.pt/.pth`` file.
+
+    Torch files are read with ``weights_only=True``, so nothing but tensors and plain containers is ever
+    unpickled. A file that holds a single nested state (``{"state_dict": ...}``, ``{"model": ...}``,
+    ``{"module": ...}``, DINO's ``{"teacher": ...}``) is unwrapped. ``key`` names the config key the path
+    came from, so the error can say where to get the right file.
     """
     path = Path(path)
-    where = f"{key}={str(path)!r}" if key else str(path)
+    where = f"{key}={str(path)!r}" if key else repr(str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {where} does not exist. {_describe(key) if key else ''}".strip())
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            sd: Any = load_file(str(path))
+            sd: Any = load_file(str(path), device="cpu")
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / truncated / pickled objects
-        raise ValueError(f"{where}: cannot read the weights ({type(e).__name__}: {e}). Is the file complete "
-                         f"and a plain state_dict? {_describe(key) if key else ''}") from None
-    for wrapper in ("state_dict", "model", "teacher", "module"):
+    except Exception as e:  # noqa: BLE001 - every reader error means the same thing to the user
+        raise WeightsFileError(
+            f"cannot read the weights in {where} ({type(e).__name__}: {str(e)[:200]}). The file is corrupt, "
+            "truncated or not a plain state dict (pickled objects other than tensors are refused on purpose): "
+            f"re-download or re-save it. {_describe(key) if key else ''}".strip()) from None
+    for wrapper in ("state_dict", "model", "module", "teacher"):   # common training-script wrappers
         if isinstance(sd, Mapping) and wrapper in sd and isinstance(sd[wrapper], Mapping):
             sd = sd[wrapper]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{where}: expected a mapping of parameter names to tensors.")
+        raise WeightsFileError(f"{where} does not hold a flat mapping of parameter names to tensors.")
     return dict(sd)
 
 
@@ -135,7 +145,7 @@ def missing_weights(cfg, stages=None) -> list[str]:
     """Messages for every external file the given stages need but cannot find (empty list = all good).
 
     Call this before a pipeline starts, so a missing VGG or DINO file fails in seconds rather than after
-    hours of stages 0-2. ``cfg`` is a :class:`sftok.config.Config`; ``stages`` defaults to
+    hours of stages 0-2. ``cfg`` is a run config (:class:`sftok_platform.config.Config`, duck-typed); ``stages`` defaults to
     ``cfg.run.stages``. An empty ``teacher.weights`` is fine (stage 0 trains a teacher); a set but
     missing one is reported.
     """
@@ -160,7 +170,7 @@ def missing_weights(cfg, stages=None) -> list[str]:
 
 
 __all__ = ["RANDOM", "ExternalWeight", "KNOWN_WEIGHTS", "MissingWeightsError", "is_random", "resolve_weight",
-           "load_state_dict_file", "strip_prefixes", "missing_weights"]
+           "read_state_dict", "WeightsFileError", "strip_prefixes", "missing_weights"]
 
 
 def exclude_from_state_dict(module: "torch.nn.Module", child: str) -> None:

@@ -126,7 +126,7 @@ def tensor_shapes(path: str | Path) -> "OrderedDict[str, tuple[tuple[int, ...], 
                 sl = f.get_slice(k)
                 out[k] = (tuple(sl.get_shape()), str(sl.get_dtype()))
         return out
-    from sftok.checkpoint import read_state_dict
+    from sftok.weights import read_state_dict
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         if isinstance(state, dict) and "state_dict" in state:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 
 
 def ray_address() -> str:

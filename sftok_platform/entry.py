@@ -1,5 +1,5 @@
 """What the entry scripts (``experiments/full_pipeline.py``, ``experiments/sweep.py``) share: their config
-flags and the one way those flags become a validated :class:`~sftok.config.Config`.
+flags and the one way those flags become a validated :class:`~sftok_platform.config.Config`.
 
 Precedence: preset or ``--config`` file <- flags <- dotted overrides (the later wins). Flag values set the
 typed fields directly: ``--data 0123`` stays the path ``'0123'`` and ``--root off`` the directory ``'off'``
@@ -11,7 +11,7 @@ import argparse
 import os
 from pathlib import Path
 
-from sftok.config import Config, ConfigError, apply_override, load_config, split_override
+from sftok_platform.config import Config, ConfigError, apply_override, load_config, split_override
 
 # flag dest -> config key (flags absent from a parser are simply skipped)
 FLAG_KEYS = {"data": "data.path", "workers": "train.workers", "root": "run.root", "tracking_uri": "tracking.uri",

@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 from sftok.inception import NUM_LOGITS, POOL_DIM, RANDOM_WEIGHTS_NOTE, FIDInceptionV3
 from sftok.metrics import (
     CodebookStats, FeatureStats, InceptionScoreStats, MeanStats, fid_from_feature_stats, psnr, ssim, to_uint8,

@@ -43,7 +43,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 
 STAGE = "stage4"
 SOFTMAX_ANNEALING = True          # TiTok's sample_imagenet script: softmax_temperature_annealing=True

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 
 # tags that identify our runs (resume finds runs by these, never by timestamps)
 TAG_PIPELINE = "sftok.pipeline"      # the pipeline run name (run.name)

@@ -14,6 +14,7 @@ from sftok.checkpoint import (CheckpointError, infer_model_config, load_into, of
 from sftok.convert import main as convert_main
 from sftok.maskgit_vqgan import MaskGITVQGAN, load_teacher
 from sftok.registry import model_config
+from sftok.weights import WeightsFileError
 
 from shared_paths import REF  # noqa: E402  (../shared beside the repo, as in CI)
 
@@ -128,16 +129,16 @@ def test_reference_bundle_converts(tmp_path):
 def test_corrupt_file(tmp_path):
     bad = tmp_path / "model.safetensors"
     bad.write_bytes(b"\x00garbage" * 10)
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(WeightsFileError, match="corrupt"):
         read_state_dict(bad)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(WeightsFileError, match="corrupt"):
         sftok.from_official(tmp_path / "pytorch_model.bin")
 
 
 def test_pickled_objects_refused(tmp_path):
     torch.save({"weights": torch.zeros(1), "obj": object()}, tmp_path / "evil.bin")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(WeightsFileError):
         read_state_dict(tmp_path / "evil.bin")
 
 

@@ -1,7 +1,7 @@
-"""sftok.config: presets, dotted overrides, type checks and validate() messages."""
+"""The run config (sftok_platform.config over sftok.config): presets, dotted overrides, type checks, validate()."""
 import pytest
 
-from sftok.config import Config, ConfigError, apply_override, list_presets, load_config
+from sftok_platform.config import Config, ConfigError, apply_override, list_presets, load_config
 from sftok.registry import model_config
 
 
@@ -128,3 +128,22 @@ def test_apply_override_on_section_object():
     assert cfg.model.codebook_size == 4096
     with pytest.raises(ConfigError, match="Valid keys here"):
         apply_override(cfg, "model.codebok_size", 1)
+
+
+def test_presets_load_from_a_non_editable_install(tmp_path):
+    """The presets are package data: a plain ``pip install .`` (no source tree) still loads ``tiny``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parent.parent
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(repo)], check=True, capture_output=True, timeout=300)
+    code = ("import sftok_platform.config as c; cfg = c.load_config('tiny'); "
+            "print(c.__file__, cfg.preset, cfg.model.image_size, ','.join(c.list_presets()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    where, preset, size, names = out.stdout.split()
+    assert where.startswith(str(target)) and preset == "tiny" and size == "64"
+    assert {"tiny", "b64", "l64"} <= set(names.split(","))

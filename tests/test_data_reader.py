@@ -106,7 +106,7 @@ def test_train_batches_shapes_and_per_epoch_reshuffle(shards):
 
 
 def test_ensure_dataset(shards, tmp_path, monkeypatch):
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["data.synthetic_images=20", "data.synthetic_val_images=10", "run.root=runs"])
     path = ensure_dataset(cfg)

@@ -66,7 +66,7 @@ def test_restart_stops_codebook_collapse():
 
 
 def test_stage0_restarts_codes_and_keeps_the_ema_row(tmp_path):
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     from sftok_platform.train.stages import build_stage
     cfg = load_config("tiny", [f"run.root={tmp_path}", "teacher.codebook_size=1024", "model.teacher_codebook_size=1024"])
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sftok.config import ConfigError, load_config
+from sftok_platform.config import ConfigError, load_config
 
 
 def test_low_rank_fid_equals_the_scipy_sqrtm_recipe():

@@ -70,3 +70,43 @@ def test_no_ray_train_v1_or_air_apis():
                 if any(m == b or m.startswith(b + ".") for m in mods) or (b != "ray.air" and b in text):
                     offenders.append(f"{path.relative_to(REPO)}: {b}")
     assert not offenders, offenders
+
+
+def _sftok_imports(path: Path, *, top_level: bool) -> set[str]:
+    """``sftok.*`` modules that ``path`` imports at module level (or, with ``top_level=False``, inside
+    functions and classes)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    nodes = tree.body if top_level else [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef,
+                                                                                    ast.AsyncFunctionDef))]
+    found = set()
+    for top in nodes:
+        for node in (ast.walk(top) if not top_level else [top]):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("sftok.") \
+                    and node.module != "sftok.__init__":
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name.startswith("sftok."))
+    return found
+
+
+def test_the_tokenizer_library_has_no_import_cycles():
+    """Every ``sftok`` module imports its ``sftok`` dependencies at the top, and the graph is acyclic (a
+    cycle would have to be patched with a function-local import, which this also refuses)."""
+    modules = {f"sftok.{p.stem}": p for p in (REPO / "sftok").glob("*.py") if p.stem != "__init__"}
+    local = {m: sorted(_sftok_imports(p, top_level=False)) for m, p in modules.items()}
+    assert not {m: v for m, v in local.items() if v}, f"function-local sftok imports (cycle patches?): {local}"
+    graph = {m: _sftok_imports(p, top_level=True) & set(modules) for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        if state.get(m) == 1:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(m):] + [m]))
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for dep in sorted(graph[m]):
+            visit(dep, path + [m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        visit(m, [])

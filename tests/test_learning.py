@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sftok.config import load_config
+from sftok_platform.config import load_config
 from sftok.maskgit_vqgan import MaskGITVQGAN, init_scaled_
 from sftok.model import SFTok
 from sftok.objectives import stage0_loss, stage1_loss

@@ -301,7 +301,7 @@ def test_inference_dtype_bf16_keeps_quantizer_fp32(images):
 def test_teacher_codes_do_not_depend_on_the_callers_autocast():
     """The training loop computes the teacher's target codes inside its bf16 autocast, the end-of-stage check
     outside it: encode_codes must give the same codes either way (issue: bf16 flips near-tie argmins)."""
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     from sftok.maskgit_vqgan import MaskGITVQGAN, init_scaled_
     cfg = load_config("tiny")
     t = cfg.teacher

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sftok
 import sftok.objectives as objectives
-from sftok.config import LossConfig, StageConfig, load_config
+from sftok_platform.config import LossConfig, StageConfig, load_config
 from sftok.diffaug import DiffAug
 from sftok.discriminator import BatchNormLocal, DinoDiscriminator, build_dino_backbone
 from sftok.ema import EMA, ema_decay_at
@@ -18,7 +18,7 @@ from sftok.masking import (arccos_mask, arccos_num_masked, check_mask, decoder_i
                            replacement_draw)
 from sftok.objectives import Stage3Loss, hinge_d_loss, stage0_loss, stage1_loss, stage2_loss, weighted_ce
 from sftok.optim import build_optimizer, cosine_lr, discriminator_lr_at, lr_at, no_weight_decay, param_groups
-from sftok.weights import MissingWeightsError, load_state_dict_file, missing_weights, resolve_weight
+from sftok.weights import MissingWeightsError, missing_weights, read_state_dict, resolve_weight
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -230,14 +230,14 @@ def test_weight_files_are_loaded_safely(tmp_path):
     bad = tmp_path / "pickled.pth"
     torch.save({"net": torch.nn.Linear(2, 2)}, bad)          # a pickled module, not a state_dict
     with pytest.raises(ValueError, match="cannot read"):
-        load_state_dict_file(bad, "losses.dino_weights")
+        read_state_dict(bad, "losses.dino_weights")
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="cannot read"):
-        load_state_dict_file(junk)
+        read_state_dict(junk)
     wrapped = tmp_path / "ckpt.pth"
     torch.save({"teacher": {"w": torch.ones(2)}}, wrapped)
-    assert list(load_state_dict_file(wrapped)) == ["w"]
+    assert list(read_state_dict(wrapped)) == ["w"]
 
 
 def test_stage3_loss_refuses_missing_files_by_default():

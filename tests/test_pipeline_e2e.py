@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sftok.config import load_config
+from sftok_platform.config import load_config
 from sftok_platform import tracking
 from sftok_platform.train import checkpointing as ckpt
 from sftok_platform.train import run_pipeline

@@ -38,7 +38,7 @@ FAST = ["data.synthetic_images=24", "data.synthetic_val_images=8", "stage1.steps
 def test_spaces_and_trial_overrides():
     from ray import tune
 
-    from sftok.config import ConfigError, load_config
+    from sftok_platform.config import ConfigError, load_config
     from sftok_platform.sweeps import spaces
     cfg = load_config("tiny")
     grid = spaces.replace_ratio_space([0, 0.5, 1.0], [True, False], [0, 1])
@@ -146,7 +146,7 @@ def env(tmp_path_factory):
     import ray
     import torch
 
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     from sftok.maskgit_vqgan import MaskGITVQGAN
     from sftok_platform.sweeps import init_ray
     from sftok_platform.train import checkpointing as ckpt
@@ -166,7 +166,7 @@ def env(tmp_path_factory):
 
 
 def _cfg(env, extra=()):
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     return load_config("tiny", list(env["overrides"]) + list(extra))
 
 
@@ -326,7 +326,7 @@ def test_interrupted_sweep_resumes(env, tmp_path):
 def test_a_trial_that_cannot_fit_is_refused_before_any_work():
     """On a 2-CPU cluster a trial (0.25 driver + 1 worker) leaves no CPU for Ray Data's readers: it would
     wait for data forever, so the sweep refuses to start and says how to fix it."""
-    from sftok.config import ConfigError, load_config
+    from sftok_platform.config import ConfigError, load_config
     from sftok_platform.sweeps.driver import check_trial_fits
     cfg = load_config("tiny")
     with pytest.raises(ConfigError, match=r"needs 2.25 CPUs.*has 2.*--num-cpus 3"):
@@ -339,7 +339,7 @@ def test_a_trial_that_cannot_fit_is_refused_before_any_work():
 
 def test_search_objective_from_the_command_line():
     """--objective picks what Optuna optimises; loss-like figures are minimised, a typo is refused."""
-    from sftok.config import ConfigError, load_config
+    from sftok_platform.config import ConfigError, load_config
     from sftok_platform.sweeps.report import objective
     assert objective(load_config("tiny")) == ("val_psnr_8step", "max")
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from sftok.config import ConfigError, load_config
+from sftok_platform.config import ConfigError, load_config
 from sftok_platform import tracking
 from sftok_platform.cluster import check_resources
 from sftok_platform.train import checkpointing as ckpt

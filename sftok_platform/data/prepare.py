@@ -428,7 +428,7 @@ def prepare_synthetic(out: str | os.PathLike, num_images: int, *, num_val: int |
 
 
 def ensure_dataset(cfg) -> str:
-    """The shards dir for a pipeline run (``cfg``: ``sftok.config.Config``).
+    """The shards dir for a pipeline run (``cfg``: ``sftok_platform.config.Config``).
 
     ``cfg.data.path`` set: it must hold a complete manifest (else a ``DataError`` saying which command makes
     it). Empty: the synthetic set under ``<cfg.run.root>/data/synthetic-<train>+<val>-seed<s>-<size>px`` is made,

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 from ray.tune.search.optuna import OptunaSearch
 
-from sftok.config import Config, ConfigError, apply_override
+from sftok_platform.config import Config, ConfigError, apply_override
 from sftok_platform import tracking
 from sftok_platform.sweeps import report as reporting
 from sftok_platform.sweeps import runs

@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from sftok.config import Config
+from sftok_platform.config import Config
 
 # metric key stem -> (label, higher is better)
 METRICS = {

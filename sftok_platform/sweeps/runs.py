@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from sftok.config import Config
+from sftok_platform.config import Config
 from sftok_platform import tracking
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 
 REPLACE_RATIOS = (0.0, 0.5, 0.8, 1.0)
 DECODE_STEPS = (1, 2, 4, 8, 16)

@@ -34,7 +34,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from sftok.config import Config, load_config
+from sftok_platform.config import Config, load_config
 from sftok.ema import EMA
 from sftok.optim import build_optimizer, lr_at, set_lr
 from sftok_platform.tracking import StageLogger

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from sftok.config import Config, ConfigError
+from sftok_platform.config import Config, ConfigError
 from sftok_platform import tracking
 from sftok_platform.train import checkpointing as ckpt
 from sftok_platform.train.stages import STAGES
@@ -126,7 +126,7 @@ def check_same_run(cfg: Config, rdir: Path) -> None:
     saved = rdir / "config.yaml"
     if not saved.is_file():
         return
-    from sftok.config import load_config
+    from sftok_platform.config import load_config
     try:
         old = load_config(str(saved), validate=False).flat()
     except ConfigError:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftok.config import Config
+from sftok_platform.config import Config
 from sftok.maskgit_vqgan import MaskGITVQGAN
 from sftok.model import SFTok
 from sftok_platform.train import checkpointing as ckpt
@@ -117,7 +117,8 @@ def _sftok(cfg: Config, pixel_head: bool, device) -> SFTok:
 def _load_init(model: SFTok, init_dir: str, *, allow_missing_prefixes: tuple[str, ...] = ()) -> None:
     """Load the previous stage's export (EMA weights); only keys under ``allow_missing_prefixes`` may be
     absent (stage 3: the pixel head, which comes from the teacher)."""
-    from sftok.checkpoint import WEIGHTS_FILE, read_state_dict
+    from sftok.checkpoint import WEIGHTS_FILE
+    from sftok.weights import read_state_dict
     state = read_state_dict(Path(init_dir) / WEIGHTS_FILE)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(allow_missing_prefixes)]
