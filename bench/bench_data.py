@@ -15,7 +15,6 @@ Prints one line per figure, and the machine load (``os.getloadavg``) before and 
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import sys
@@ -108,15 +107,8 @@ def main() -> None:
     mb = sum(p.stat().st_size for p in src.rglob("*.JPEG")) / 1e6
     print(f"load before: {os.getloadavg()} on {os.cpu_count()} visible cores")
     print(f"source: {args.images} JPEGs 500x375 q90, {mb:.0f} MB ({mb / args.images * 1e3:.0f} KB avg)")
-    for attempt in range(3):      # a busy machine can time out the raylet start
-        try:
-            ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-            break
-        except Exception as e:  # noqa: BLE001
-            if attempt == 2:
-                raise
-            print(f"ray.init failed ({e}); retrying", flush=True)
-            time.sleep(10)
+    from sftok_platform.cluster import connect
+    connect(address="local", num_cpus=args.cpus)      # retries a raylet start-up time-out on a busy machine
     DataContext.get_current().enable_progress_bars = False
 
     # A 100-image copy of the source measures Ray's fixed cost per prep (pipeline start, waves, commit);

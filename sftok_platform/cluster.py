@@ -23,30 +23,45 @@ def ray_address() -> str:
     return addr
 
 
-def connect(cfg: Optional[Config] = None, *, num_cpus: Optional[int] = None, quiet: bool = True) -> dict:
-    """``ray.init`` once (no-op when already connected); returns ``ray.cluster_resources()``.
+def connect(cfg: Optional[Config] = None, *, address: Optional[str] = None, num_cpus: Optional[float] = None,
+            num_gpus: Optional[int] = None, quiet: bool = True) -> dict:
+    """The one place this project starts or joins Ray (no-op when already connected); returns
+    ``ray.cluster_resources()``.
 
-    A local Ray gets the machine's cores plus a little logical head-room (Ray Data's read and transform
-    tasks run next to the Train workers) unless ``num_cpus`` says otherwise.
+    ``address`` (default :func:`ray_address`: ``RAY_ADDRESS``, else ``"local"``) names a cluster to join.
+    A private local Ray gets the machine's cores plus a little logical head-room (Ray Data's read and
+    transform tasks run next to the Train workers) unless ``num_cpus`` says otherwise, and a dashboard on a
+    free port that ``RAY_API_SERVER_ADDRESS`` names in the driver and in every worker. Why: Train V2's
+    placement-group cleaner and other State API clients find the dashboard by auto-detection, which fails
+    with "Found multiple active Ray instances" when other users run their own local Ray on the machine;
+    stopped trials' workers then leak and the next trials hang PENDING (PLATFORM.md P8). Ray gives a local
+    raylet 30 s to start, not always enough on a busy host: a start-up time-out is retried twice.
     """
     import ray
-    if not ray.is_initialized():
-        address = ray_address()
-        kwargs: dict = {"configure_logging": True, "logging_level": "warning" if quiet else "info",
-                        "log_to_driver": True}
-        if address == "local":
-            cores = os.cpu_count() or 1
-            want = (cfg.train.workers * cfg.train.cpus_per_worker) if cfg is not None else 0
-            kwargs["num_cpus"] = num_cpus if num_cpus is not None else max(cores, want) + 2
-            # Train V2 cleans placement groups through the State API, which needs the dashboard. Its client
-            # finds the dashboard by auto-detection, which fails when other Ray instances run on the same
-            # machine ("Found multiple active Ray instances"): pin the port and tell every process.
-            port = free_port()
-            api = f"http://127.0.0.1:{port}"
-            kwargs.update(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                          runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api,
-                                                    "PYTHONPATH": _pythonpath_with_project()}})
+    if ray.is_initialized():
+        return dict(ray.cluster_resources())
+    address = address or ray_address()
+    kwargs: dict = {"configure_logging": True, "logging_level": "warning" if quiet else "info",
+                    "log_to_driver": True}
+    if address != "local":
         ray.init(address=address, **kwargs)
+        return dict(ray.cluster_resources())
+    cores = os.cpu_count() or 1
+    want = (cfg.train.workers * cfg.train.cpus_per_worker) if cfg is not None else 0
+    kwargs.update(num_cpus=num_cpus if num_cpus is not None else max(cores, want) + 2, num_gpus=num_gpus)
+    for attempt in range(3):
+        port = free_port()
+        api = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
+        try:
+            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                     runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api,
+                                               "PYTHONPATH": _pythonpath_with_project()}}, **kwargs)
+            break
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     return dict(ray.cluster_resources())
 
 

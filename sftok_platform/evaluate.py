@@ -289,8 +289,8 @@ def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size:
 
     from sftok_platform.data import read_split
 
-    if not ray.is_initialized():      # never attach to some other cluster by accident: RAY_ADDRESS or a new one
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False, log_to_driver=False)
+    from sftok_platform.cluster import connect
+    connect()      # never attaches to some other cluster by accident: RAY_ADDRESS or a new local one
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), float(resources.get("CPU", 1))
     size = num_actors or (gpus if gpus else 1)
@@ -586,10 +586,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
     teacher = _load_teacher(args.teacher, args.teacher_hidden_channels) if args.teacher else None
     if not args.no_ray:
-        import ray
-        if not ray.is_initialized():
-            from sftok_platform.cluster import ray_address
-            ray.init(address=args.ray_address or ray_address(), include_dashboard=False, log_to_driver=False)
+        from sftok_platform.cluster import connect
+        connect(address=args.ray_address or None)
     result = evaluate_checkpoint(
         args.checkpoint, args.data, split=args.split, steps=steps, teacher=teacher,
         inception_weights=args.inception_weights, max_images=args.max_images, batch_size=args.batch_size,

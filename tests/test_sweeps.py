@@ -148,7 +148,7 @@ def env(tmp_path_factory):
 
     from sftok_platform.config import load_config
     from sftok.maskgit_vqgan import MaskGITVQGAN
-    from sftok_platform.sweeps import init_ray
+    from sftok_platform.cluster import connect
     from sftok_platform.train import checkpointing as ckpt
     root = tmp_path_factory.mktemp("sweeps")
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def env(tmp_path_factory):
     # Ray's memory monitor kills workers when the *node* is 95% full, whoever fills it; on a shared CI box
     # other jobs' memory then kills these trials (seen: ASHA lost its reference trial). Off for this cluster.
     os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    init_ray(num_cpus=4)
+    connect(num_cpus=4)
     yield {"root": root, "overrides": overrides}
     ray.shutdown()
 

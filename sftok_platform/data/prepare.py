@@ -234,17 +234,6 @@ def _on_shard_committed(record: dict[str, Any]) -> None:
 # Driver
 # ######################################################################################################
 
-def _ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    import ray
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
-    if address == "local" and num_cpus:
-        kwargs["num_cpus"] = num_cpus
-    ray.init(address=address, **kwargs)
-
-
 def _log(quiet: bool, msg: str) -> None:
     if not quiet:
         print(f"[prepare] {msg}", file=sys.stderr, flush=True)
@@ -326,7 +315,8 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
             stale.unlink()
 
     if todo:
-        _ensure_ray(address, num_cpus)
+        from sftok_platform.cluster import connect
+        connect(address=address, num_cpus=num_cpus)
         import ray
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = not quiet

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .manifest import PROXY_CODES_COLUMN, DataError, file_sha256, is_remote, load_manifest, write_manifest
-from .prepare import ROW_GROUP_SIZE, _ensure_ray
+from .prepare import ROW_GROUP_SIZE
 from .transforms import eval_transform
 
 NUM_CODES = 256
@@ -103,7 +103,8 @@ def add_proxy_codes(shards_dir: str, teacher: str, *, hidden_channels: int = 128
     manifest["proxy_codes_pending"] = {"teacher_sha256": teacher_sha}
     write_manifest(out, manifest)
 
-    _ensure_ray(address)
+    from sftok_platform.cluster import connect
+    connect(address=address)
     import ray
     gpus = int(ray.cluster_resources().get("GPU", 0))
     actors = actors or max(1, gpus)

@@ -10,11 +10,11 @@ trainables that run Train stages via ``sftok_platform.train.run_stage``; shared 
 ``runs`` (MLflow: a parent run per sweep, a child per trial; the Train -> Tune reporter), ``report``
 (paper-shaped tables, CSV, plots). The command line is ``experiments/sweep.py``.
 """
-from sftok_platform.sweeps.driver import SweepContext, SweepResult, evaluate_export, init_ray, run_ablation, run_sweep
+from sftok_platform.sweeps.driver import SweepContext, SweepResult, evaluate_export, run_ablation, run_sweep
 from sftok_platform.sweeps.report import collect_rows, write_report
 from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, split_budget,
                                           trial_key, trial_overrides)
 
-__all__ = ["run_sweep", "run_ablation", "init_ray", "SweepContext", "SweepResult", "evaluate_export", "collect_rows",
+__all__ = ["run_sweep", "run_ablation", "SweepContext", "SweepResult", "evaluate_export", "collect_rows",
            "write_report", "replace_ratio_space", "decode_steps_space", "search_space", "split_budget",
            "trial_key", "trial_overrides"]

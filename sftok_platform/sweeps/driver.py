@@ -22,7 +22,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,55 +31,13 @@ from ray.tune.search.optuna import OptunaSearch
 
 from sftok_platform.config import Config, ConfigError, apply_override
 from sftok_platform import tracking
+from sftok_platform.cluster import connect
 from sftok_platform.sweeps import report as reporting
 from sftok_platform.sweeps import runs
 from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, trial_key,
                                           trial_overrides)
 
 TUNE_DIR = "tune"
-
-
-# ######################################################################################################
-# Ray
-# ######################################################################################################
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_ray(num_cpus: Optional[float] = None, num_gpus: Optional[int] = None) -> dict:
-    """Connect to the job's cluster (``RAY_ADDRESS``, set by ``ray job submit``) or start a private local one.
-
-    A local Ray gets a dashboard on a free port, and ``RAY_API_SERVER_ADDRESS`` points at it *before* the
-    cluster starts, so every Ray process inherits it. Why: Train V2's placement-group cleaner and other
-    State API clients find the dashboard by auto-detection, which fails with "Found multiple active Ray
-    instances" on a machine where other users run their own local Ray; the stopped trials' workers then
-    leak and the next trials hang PENDING (seen on the shared dev machine; PLATFORM.md P8).
-    """
-    import ray
-    if ray.is_initialized():
-        return dict(ray.cluster_resources())
-    from sftok_platform.cluster import ray_address
-    address = ray_address()
-    if address != "local":
-        ray.init(address=address, logging_level="warning")
-        return dict(ray.cluster_resources())
-    cores = os.cpu_count() or 1
-    for attempt in range(3):
-        port = _free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        try:
-            ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                     num_cpus=num_cpus if num_cpus is not None else cores + 2, num_gpus=num_gpus,
-                     logging_level="warning")
-            break
-        except Exception as e:       # Ray gives a local raylet 30 s to start: not always enough on a busy host
-            if "timed out during startup" not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
-    return dict(ray.cluster_resources())
 
 
 # ######################################################################################################
@@ -368,7 +325,7 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
                           f"a new one with --name <other name>.")
     if resume and not exists:
         echo(f"[sweep] nothing to resume in {tune_path}; starting sweep {name!r} afresh")
-    resources = init_ray(num_cpus=num_cpus)
+    resources = connect(num_cpus=num_cpus)
     from sftok_platform.cluster import resolve_tracking_uri
     resolve_tracking_uri(cfg, echo=echo)
     base = sweep_config(cfg, sweep_dir)
@@ -609,5 +566,5 @@ def _find_teacher(export: str) -> str:
     return ""
 
 
-__all__ = ["init_ray", "SweepContext", "SweepResult", "run_sweep", "run_ablation", "train_trial", "eval_trial",
+__all__ = ["SweepContext", "SweepResult", "run_sweep", "run_ablation", "train_trial", "eval_trial",
            "evaluate_export", "resolve_export", "prepare_shared", "sweep_config"]
