@@ -92,7 +92,7 @@ def run_stage4(cfg: Config, tokenizer_dir: str, shards: str, parent_run_id: Opti
     run_id = tracking.start_child_run(cfg, STAGE, parent_run_id)
     c = tracking.client(cfg)
     c.set_tag(run_id, "sftok.tokenizer", str(tokenizer_dir))
-    try:
+    with tracking.run_closed_by(cfg, run_id):
         t0 = time.time()
         tokens_dir, n_tok = tokenize_train_split(cfg, tokenizer_dir, shards, paths.dir, tok_cfg.image_size)
         t_tok = time.time() - t0
@@ -125,10 +125,6 @@ def run_stage4(cfg: Config, tokenizer_dir: str, shards: str, parent_run_id: Opti
         c.log_artifacts(run_id, str(paths.export), "export")
         out = {**metrics, "gfid_label": label, "export": str(paths.export)}
         (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))
-        tracking.end_run(cfg, run_id, "FINISHED")
-    except BaseException:
-        tracking.end_run(cfg, run_id, "FAILED")
-        raise
     ckpt.mark_done(paths, {"metrics": out, "run_id": run_id, "tokenizer": str(tokenizer_dir)})
     return out
 

@@ -13,6 +13,7 @@ the worker's ephemeral CWD.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -159,6 +160,21 @@ def start_child_run(cfg: Config, stage: str, parent_run_id: Optional[str]) -> st
 
 def end_run(cfg_or_uri: Config | str, run_id: str, status: str = "FINISHED") -> None:
     client(cfg_or_uri).set_terminated(run_id, status=status)
+
+
+@contextlib.contextmanager
+def run_closed_by(cfg_or_uri: Config | str, run_id: str, *, finish: bool = True):
+    """The MLflow run's end status follows the ``with`` block: FINISHED when it completes (unless
+    ``finish=False``: the block ends the run itself), KILLED when it is interrupted (Ctrl-C, SystemExit),
+    FAILED on any other exception, which then propagates unchanged. Every driver-side run (pipeline,
+    stage, stage 4, sweep, trial) is closed this way, so none is left RUNNING after a crash."""
+    try:
+        yield
+    except BaseException as e:
+        end_run(cfg_or_uri, run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        raise
+    if finish:
+        end_run(cfg_or_uri, run_id, "FINISHED")
 
 
 def log_config_artifact(cfg: Config, run_id: str) -> None:

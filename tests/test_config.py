@@ -135,10 +135,15 @@ def test_presets_load_from_a_non_editable_install(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+    import shutil
     repo = Path(__file__).resolve().parent.parent
-    target = tmp_path / "site"
+    src, target = tmp_path / "src", tmp_path / "site"     # built from a copy: setuptools writes build/ in-tree
+    for name in ("sftok", "sftok_platform"):
+        shutil.copytree(repo / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(repo)], check=True, capture_output=True, timeout=300)
+                    "--target", str(target), str(src)], check=True, capture_output=True, timeout=300)
     code = ("import sftok_platform.config as c; cfg = c.load_config('tiny'); "
             "print(c.__file__, cfg.preset, cfg.model.image_size, ','.join(c.list_presets()))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target), "PATH": ""},

@@ -122,6 +122,24 @@ def test_parent_child_runs_resume_by_tags_and_register(tmp_path):
         tracking.check_alias("latest")
 
 
+def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
+    cfg = tiny(tmp_path)
+    parent = tracking.start_parent_run(cfg)
+    ids = [tracking.start_child_run(cfg, s, parent) for s in ("stage1", "stage2", "stage3", "stage0")]
+    with tracking.run_closed_by(cfg, ids[0]):
+        pass
+    with pytest.raises(RuntimeError, match="boom"):
+        with tracking.run_closed_by(cfg, ids[1]):
+            raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.run_closed_by(cfg, ids[2]):
+            raise KeyboardInterrupt
+    with tracking.run_closed_by(cfg, ids[3], finish=False):     # the block ends the run itself
+        tracking.end_run(cfg, ids[3], "KILLED")
+    c = tracking.client(cfg)
+    assert [c.get_run(i).info.status for i in ids] == ["FINISHED", "FAILED", "KILLED", "KILLED"]
+
+
 def test_file_store_uri_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="file stores"):
         tracking.tracking_uri(tiny(tmp_path, "tracking.uri=file:///tmp/mlruns"))

@@ -157,7 +157,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
               "train.seed": cfg.train.seed}
     run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, logged)
     offset = 0
-    try:
+    with tracking.run_closed_by(uri, run_id):
         if own_warmup:
             s1 = run_stage(cfg, "stage1", shards=ctx.shards, parent_run_id=run_id, inputs={"teacher": ctx.teacher},
                            callbacks=[runs.SweepReporter("stage1", 0, uri, run_id, objective_key)], debug=ctx.debug)
@@ -178,10 +178,6 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
             final["objective"] = final.get(objective_key, float("nan"))
         runs.log_metrics(uri, run_id, final, step=final["sweep_step"])
         tracking.client(uri).set_tag(run_id, "sftok.export", s2.checkpoint_dir)
-    except BaseException:
-        runs.end_run(uri, run_id, "FAILED")
-        raise
-    runs.end_run(uri, run_id, "FINISHED")
     tune.report({**final, "trial_key": key, "stage": "done", "export": s2.checkpoint_dir})
 
 
@@ -194,15 +190,11 @@ def eval_trial(config: dict, ctx: SweepContext) -> None:
     key = trial_key(config)
     run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, {"steps": steps, "checkpoint": ctx.checkpoint})
     t0 = time.time()
-    try:
+    with tracking.run_closed_by(uri, run_id):
         metrics = evaluate_export(ctx.checkpoint, ctx, cfg, [steps])
         metrics = {k.replace(f"_{steps}step", ""): v for k, v in metrics.items()}
         metrics["eval_seconds"] = time.time() - t0
         runs.log_metrics(uri, run_id, metrics, step=steps)
-    except BaseException:
-        runs.end_run(uri, run_id, "FAILED")
-        raise
-    runs.end_run(uri, run_id, "FINISHED")
     tune.report({**metrics, "steps": steps, "trial_key": key, "trial_done": 1.0})
 
 
@@ -358,7 +350,7 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
     ctx = SweepContext(kind=kind, name=name, sweep_dir=str(sweep_dir), cfg=base.to_dict(), shards=shards,
                        parent_run_id=parent, budget=base.stage1.steps + base.stage2.steps, evaluation=evaluation,
                        eval_steps=tuple(base.eval.steps), checkpoint=checkpoint, debug=debug)
-    try:
+    with tracking.run_closed_by(uri, parent, finish=False):     # ends FINISHED, or KILLED with trials left
         if kind == "decode-steps":
             ctx = dataclasses.replace(ctx, teacher=teacher or _teacher_path(base) or _find_teacher(checkpoint))
         else:
@@ -409,10 +401,7 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
         if unfinished:
             echo(f"[sweep] {len(unfinished)} trial(s) interrupted or failed ({', '.join(unfinished)}): rerun the same "
                  f"command with --resume to finish them.")
-        runs.end_run(uri, parent, "KILLED" if unfinished else "FINISHED")
-    except BaseException:
-        runs.end_run(uri, parent, "FAILED")
-        raise
+        tracking.end_run(uri, parent, "KILLED" if unfinished else "FINISHED")
     return SweepResult(name, kind, str(sweep_dir), parent, uri, rows, files, time.time() - t0, grid, ctx.teacher)
 
 
@@ -521,7 +510,7 @@ def _close_stopped_trials(cfg: Config, parent: str, rows: list[dict]) -> None:
         if run.info.status == "RUNNING" or stopped_marked_failed:
             status = "FAILED" if verdict == "error" else "KILLED"
             tracking.client(uri).set_tag(run.info.run_id, "sftok.trial_status", verdict)
-            runs.end_run(uri, run.info.run_id, status)
+            tracking.end_run(uri, run.info.run_id, status)
 
 
 def _notes(cfg: Config, kind: str, evaluation: str) -> list[str]:

@@ -86,10 +86,6 @@ def log_metrics(uri: str, run_id: str, metrics: Mapping[str, Any], step: int) ->
         c.log_batch(run_id, metrics=items[i:i + 500])
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
-    tracking.client(uri).set_terminated(run_id, status=status)
-
-
 def trial_runs(cfg: Config, parent_run_id: str) -> dict[str, Any]:
     """``trial key -> mlflow Run`` of every trial run under a sweep run."""
     c = tracking.client(cfg)
@@ -132,5 +128,5 @@ class SweepReporter(TuneReportCallback):
         super().after_report(run_context, [m] + list(metrics[1:]), checkpoint)
 
 
-__all__ = ["TAG_SWEEP", "TAG_TRIAL", "start_sweep_run", "start_trial_run", "log_metrics", "end_run",
+__all__ = ["TAG_SWEEP", "TAG_TRIAL", "start_sweep_run", "start_trial_run", "log_metrics",
            "trial_runs", "SweepReporter"]

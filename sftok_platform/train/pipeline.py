@@ -237,17 +237,16 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     t0 = time.time()
-    try:
-        result = trainer.fit()
-    except BaseException as e:
-        tracking.end_run(cfg, run_id, "FAILED")
-        _raise_if_diverged(paths, cfg, e)
-        raise
+    with tracking.run_closed_by(cfg, run_id, finish=False):      # FINISHED below, once the export is tagged
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            _raise_if_diverged(paths, cfg, e)
+            raise
+        if result.error is not None:   # V2 returns (not raises) controller errors, e.g. workers OOM-killed
+            _raise_if_diverged(paths, cfg, result.error)
+            raise result.error
     seconds = time.time() - t0
-    if result.error is not None:   # V2 returns (not raises) controller errors, e.g. workers OOM-killed
-        tracking.end_run(cfg, run_id, "FAILED")
-        _raise_if_diverged(paths, cfg, result.error)
-        raise result.error
     metrics_file = paths.dir / "final_metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     ray_ckpt = result.checkpoint.path if result.checkpoint is not None else ""
@@ -291,7 +290,7 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
     parent = tracking.start_parent_run(cfg)
     tracking.log_config_artifact(cfg, parent)
     results: dict[str, StageResult] = {}
-    try:
+    with tracking.run_closed_by(cfg, parent):
         for stage in stages:
             echo(f"[pipeline] {stage}: starting" if not ckpt.is_done(ckpt.StagePaths(rdir, stage))
                  else f"[pipeline] {stage}: already finished, skipped")
@@ -315,10 +314,6 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
         generator_metrics: dict = {}
         if want_generator and final_stage is not None:
             generator_metrics = _generator(cfg, results[final_stage].checkpoint_dir, shards, parent, echo)
-        tracking.end_run(cfg, parent, "FINISHED")
-    except BaseException:
-        tracking.end_run(cfg, parent, "FAILED")
-        raise
     result = PipelineResult(cfg.run.name, str(rdir), results, eval_metrics, parent, version, uri,
                             tracking.tracking_uri(cfg), time.time() - t0, generator_metrics)
     echo(summary_table(result))
