@@ -84,7 +84,12 @@ class TeacherConfig:
 
 @dataclass
 class StageConfig:
-    """Optimisation of one training stage. ``steps`` counts optimiser updates."""
+    """Optimisation of one training stage (stages 0 and 3 read exactly these). ``steps`` counts optimiser
+    updates.
+
+    Each stage has only the knobs it reads: ``stage1`` is a :class:`TokenStageConfig` (+ label smoothing),
+    ``stage2`` an :class:`SFVRStageConfig` (+ the SFVR replacement ratio and visible-slot weight), so
+    ``stage1.replace_prob=0.5`` is refused as an unknown key instead of being accepted and ignored."""
     steps: int = 200_000
     global_batch_size: int = 256        # images per optimiser update, independent of the worker count
     grad_accum: int = 1                 # micro-batches per update on each worker
@@ -94,11 +99,20 @@ class StageConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     weight_decay: float = 1e-4
-    # SFVR (stage 2) and stage 3 masking
-    replace_prob: float = 1.0           # visible slot takes the model's own step-1 prediction with this prob.
-    unmasked_weight: float = 0.1        # CE weight of visible slots (masked slots weigh 1.0)
-    quantizer_weight: float = 1.0
+    quantizer_weight: float = 1.0       # stage 0: the teacher's VQ loss; 1-3: OptVQ's (a constant in stage 3)
+
+
+@dataclass
+class TokenStageConfig(StageConfig):
+    """Stage 1: cross-entropy on the teacher's codes with every slot masked."""
     label_smoothing: float = 0.0
+
+
+@dataclass
+class SFVRStageConfig(TokenStageConfig):
+    """Stage 2: SFVR. Visible slots show the model's own first-step prediction with ``replace_prob``."""
+    replace_prob: float = 1.0           # 0 = the vanilla MaskGIT-style baseline (visible = teacher codes)
+    unmasked_weight: float = 0.1        # CE weight of visible slots (masked slots weigh 1.0)
 
 
 @dataclass
@@ -278,6 +292,6 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 __all__ = [
-    "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "LossConfig", "GeneratorConfig",
+    "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "TokenStageConfig", "SFVRStageConfig", "LossConfig", "GeneratorConfig",
     "apply_override", "split_override", "merge", "check_ranges", "flatten", "RANGES",
 ]

@@ -220,7 +220,7 @@ def stage2_loss(model: nn.Module, images: torch.Tensor, teacher_codes: torch.Ten
 
 def stage_loss(stage: str, model: nn.Module, images: torch.Tensor, teacher_codes: torch.Tensor, stage_cfg,
                *, generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Stage 1 or 2 from a :class:`sftok.config.StageConfig` (``replace_prob``, ``unmasked_weight``, ...)."""
+    """Stage 1 or 2 from its config (:class:`sftok.config.TokenStageConfig` / :class:`SFVRStageConfig`)."""
     common = dict(quantizer_weight=stage_cfg.quantizer_weight, label_smoothing=stage_cfg.label_smoothing)
     if stage == "stage1":
         return stage1_loss(model, images, teacher_codes, **common)

@@ -22,8 +22,9 @@ from typing import Any
 
 import yaml
 
-from sftok.config import (ConfigError, GeneratorConfig, LossConfig, ModelConfig, StageConfig, TeacherConfig,
-                          apply_override, check_ranges, flatten, merge, split_override)
+from sftok.config import (ConfigError, GeneratorConfig, LossConfig, ModelConfig, SFVRStageConfig, StageConfig,
+                          TeacherConfig, TokenStageConfig, apply_override, check_ranges, flatten, merge,
+                          split_override)
 from sftok.blocks import VIT_SIZES
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -121,8 +122,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     stage0: StageConfig = field(default_factory=lambda: StageConfig(
         steps=100_000, beta2=0.99, warmup_steps=5_000))
-    stage1: StageConfig = field(default_factory=StageConfig)
-    stage2: StageConfig = field(default_factory=StageConfig)
+    stage1: TokenStageConfig = field(default_factory=TokenStageConfig)
+    stage2: SFVRStageConfig = field(default_factory=SFVRStageConfig)
     stage3: StageConfig = field(default_factory=lambda: StageConfig(
         steps=1_000_000, global_batch_size=128, warmup_steps=5_000, beta2=0.999))
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -239,8 +240,6 @@ class Config:
                     f"{name}.global_batch_size={st.global_batch_size} is not divisible by train.workers x "
                     f"{name}.grad_accum = {self.train.workers} x {st.grad_accum}; choose a global batch that is "
                     f"a multiple of {per_update} or change the worker count.")
-            if not 0.0 <= st.replace_prob <= 1.0:
-                raise ConfigError(f"{name}.replace_prob={st.replace_prob} must lie in [0, 1].")
             if st.steps < 0 or st.warmup_steps < 0:
                 raise ConfigError(f"{name}.steps and {name}.warmup_steps must be >= 0.")
         unknown = set(self.run.stages) - {"stage0", "stage1", "stage2", "stage3", "stage4"}
@@ -284,9 +283,12 @@ class Config:
                       (f"{name}.lr", st.lr, "positive"), (f"{name}.end_lr", st.end_lr, "nonneg"),
                       (f"{name}.beta1", st.beta1, "unit_open"), (f"{name}.beta2", st.beta2, "unit_open"),
                       (f"{name}.weight_decay", st.weight_decay, "nonneg"),
-                      (f"{name}.unmasked_weight", st.unmasked_weight, "nonneg"),
-                      (f"{name}.quantizer_weight", st.quantizer_weight, "nonneg"),
-                      (f"{name}.label_smoothing", st.label_smoothing, "unit_open")]
+                      (f"{name}.quantizer_weight", st.quantizer_weight, "nonneg")]
+            if isinstance(st, TokenStageConfig):
+                rules.append((f"{name}.label_smoothing", st.label_smoothing, "unit_open"))
+            if isinstance(st, SFVRStageConfig):
+                rules += [(f"{name}.replace_prob", st.replace_prob, "unit"),
+                          (f"{name}.unmasked_weight", st.unmasked_weight, "nonneg")]
             if name in self.run.stages:
                 rules.append((f"{name}.steps", st.steps, "count"))
         rules += [(f"generator.{k}", getattr(g, k), "count") for k in (
@@ -347,6 +349,7 @@ __all__ = [
     "Config", "DataConfig", "TrainConfig", "EvalConfig", "TrackingConfig", "RunConfig", "load_config",
     "list_presets", "PRESET_DIR",
     # re-exported: a run's config is built from these
-    "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "LossConfig", "GeneratorConfig",
+    "ConfigError", "ModelConfig", "TeacherConfig", "StageConfig", "TokenStageConfig", "SFVRStageConfig",
+    "LossConfig", "GeneratorConfig",
     "apply_override", "split_override",
 ]

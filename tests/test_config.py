@@ -85,7 +85,8 @@ def test_type_errors(override, match):
     ("train.torch_threads=-2", "train.torch_threads=-2"),
     ("train.workers=0", "at least 1 worker"),
     ("stage1.grad_accum=3", "multiple of 3"),
-    ("stage2.replace_prob=1.5", r"must lie in \[0, 1\]"),
+    ("stage2.replace_prob=1.5", r"stage2.replace_prob=1.5 is out of range: it must be in \[0, 1\]"),
+
     ("stage1.steps=-1", ">= 0"),
     ("run.stages=[stage1,stage9]", "unknown entries"),
     # zero, negative and empty values: refused here, before Ray or any compute starts
@@ -107,6 +108,14 @@ def test_validate_messages(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config("tiny", [override])
     load_config("tiny", [override], validate=False)      # refused only by validate()
+
+
+@pytest.mark.parametrize("override", ["stage1.replace_prob=0.5", "stage3.unmasked_weight=0.2",
+                                      "stage0.label_smoothing=0.1", "stage1.unmasked_weight=0.3"])
+def test_a_knob_a_stage_does_not_read_is_refused(override):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}'.*Valid keys here: steps"):
+        load_config("tiny", [override], validate=False)
 
 
 def test_teacher_grid_must_divide_the_image():

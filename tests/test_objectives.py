@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sftok
 import sftok.objectives as objectives
-from sftok_platform.config import LossConfig, StageConfig, load_config
+from sftok_platform.config import LossConfig, SFVRStageConfig, StageConfig, load_config
 from sftok.diffaug import DiffAug
 from sftok.discriminator import BatchNormLocal, DinoDiscriminator, build_dino_backbone
 from sftok.ema import EMA, ema_decay_at
@@ -175,7 +175,7 @@ def test_stage_losses_validate_teacher_codes(model12, images):
 
 
 def test_stage_loss_dispatch_uses_the_stage_config(model12, images, codes):
-    cfg = StageConfig(replace_prob=0.0)
+    cfg = SFVRStageConfig(replace_prob=0.0)
     with DecoderInputs(model12) as rec:
         objectives.stage_loss("stage2", model12, images, codes, cfg, generator=torch.Generator().manual_seed(0))
     assert len(rec.ids) == 1
