@@ -1,7 +1,7 @@
 """GPU acceptance: the checks a machine with a GPU runs unattended before a cluster run (about 2-4 minutes).
 
 On one GPU, with the ``b64`` sizes and random weights (nothing is downloaded), through the same stage classes
-the Ray Train loop uses (``sftok_platform.train.stages.build_stage``), each wrapped in NCCL DDP on a
+the Ray Train loop uses (``sftok_platform.train.stages.build_stage`` tasks), each wrapped in NCCL DDP on a
 world of 1 with the bf16 gradient-compression hook (``train.grad_compression=bf16``):
 
 1. one bf16-autocast optimizer step of each stage 0-3: loss finite, step time, images/s and MFU (model
@@ -82,7 +82,7 @@ class StageStep:
         self.parts = build_stage(stage, cfg, inputs, device)
         self.optimizer = build_optimizer(self.parts.model, getattr(cfg, stage))
         self.ema = EMA(self.parts.model, cfg.train.ema_decay)
-        self.ddp = DistributedDataParallel(self.parts.step_module, device_ids=[device.index] if device.type == "cuda"
+        self.ddp = DistributedDataParallel(self.parts.step_module(), device_ids=[device.index] if device.type == "cuda"
                                            else None)
         if device.type == "cuda":      # train.grad_compression=bf16: the all-reduce of bf16 gradients over NCCL
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook

@@ -98,6 +98,14 @@ class EMA:
             sd[name] = s.to(sd[name].dtype).clone()
         return sd
 
+    @torch.no_grad()
+    def reset_rows(self, name: str, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Set rows ``rows`` of parameter ``name``'s average to ``values`` (e.g. codebook rows that were just
+        re-initialised: averaging them with the dead rows they replace would export neither)."""
+        if name not in self.shadow:
+            raise KeyError(f"{name!r} is not an averaged parameter of this EMA.")
+        self.shadow[name][rows] = values.detach().to(self.shadow[name].dtype)
+
     def to(self, device) -> "EMA":
         self.shadow = {k: v.to(device) for k, v in self.shadow.items()}
         return self

@@ -245,9 +245,11 @@ class MaskGITVQGAN(nn.Module):
         return self.decoder(self.quantize.get_codebook_entry(ids)).clamp(0.0, 1.0)
 
     def forward(self, images: torch.Tensor):
-        """Trainable path (stage 0): (unclamped reconstruction, {"quantizer_loss", "codes"})."""
-        z_q, ids, loss = self.quantize(self.encoder(images))
-        return self.decoder(z_q), {"quantizer_loss": loss, "codes": ids}
+        """Trainable path (stage 0): (unclamped reconstruction, {"quantizer_loss", "codes", "latents"}), where
+        ``latents`` is the encoder output the quantizer saw (stage 0's dead-code restarts re-seed from it)."""
+        z = self.encoder(images)
+        z_q, ids, loss = self.quantize(z)
+        return self.decoder(z_q), {"quantizer_loss": loss, "codes": ids, "latents": z}
 
 
 def init_scaled_(model: nn.Module) -> nn.Module:

@@ -123,14 +123,15 @@ def guide_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 # ######################################################################################################
 
 def stage0_loss(teacher: nn.Module, images: torch.Tensor, *, lpips: Optional[nn.Module] = None,
-                perceptual_weight: float = 1.0, quantizer_weight: float = 1.0
+                perceptual_weight: float = 1.0, quantizer_weight: float = 1.0, outputs: Optional[tuple] = None
                 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Train a MaskGIT-VQGAN-architecture teacher: MSE(recon, x) + q-loss (+ LPIPS when ``lpips`` is given).
 
     ``teacher`` is a :class:`sftok.maskgit_vqgan.MaskGITVQGAN` (possibly DDP-wrapped) whose forward returns
-    ``(recon, {"quantizer_loss", "codes"})``.
+    ``(recon, {"quantizer_loss", "codes", ...})``; pass that forward's result as ``outputs`` when the caller
+    ran it already (it needs the codes too).
     """
-    recon, info = teacher(images)
+    recon, info = outputs if outputs is not None else teacher(images)
     mse = F.mse_loss(recon.float(), images.float())
     loss = mse + quantizer_weight * info["quantizer_loss"]
     metrics = {"mse": mse.detach(), "quantizer_loss": info["quantizer_loss"].detach()}
@@ -288,8 +289,9 @@ class Stage3Loss(nn.Module):
     suggest was intended; copying the leak would make D's objective depend on the generator weight 0.5 and
     on the order of the two passes. It also saves the D-parameter gradient work in the generator backward.
 
-    If training on several workers, wrap ``stage3.discriminator`` in DDP yourself; the generator pass calls
-    the unwrapped module (no DDP hooks, no grads), the discriminator pass the wrapper.
+    If training on several workers, wrap ``stage3.discriminator`` in DDP yourself and pass the wrapper to
+    ``discriminator_loss(..., discriminator=wrapper)``; the generator pass calls the unwrapped module (no
+    DDP hooks, no grads).
     """
 
     def __init__(self, cfg, *, quantizer_weight: float = 1.0, allow_random_backbones: bool = False):
@@ -392,16 +394,21 @@ class Stage3Loss(nn.Module):
 
     # ------------------------------------------------------------------ discriminator
     def discriminator_loss(self, images: torch.Tensor, recon: torch.Tensor, *,
-                           generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, dict[str, float]]:
-        """Hinge + LeCam on D(DiffAug(real)) and D(DiffAug(fake)); updates the LeCam EMAs."""
+                           generator: Optional[torch.Generator] = None, discriminator: Optional[nn.Module] = None
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Hinge + LeCam on D(DiffAug(real)) and D(DiffAug(fake)); updates the LeCam EMAs.
+
+        ``discriminator``: the module to run, e.g. ``self.discriminator``'s DDP wrapper so that the D
+        gradients are all-reduced (default: ``self.discriminator``)."""
         if self.discriminator is None:
             raise ValueError("no discriminator: losses.discriminator_weight or discriminator_factor is 0.")
+        disc = discriminator if discriminator is not None else self.discriminator
         c = self.cfg
         real = self.diffaug(images.detach().float(), generator)
         fake = self.diffaug(recon.detach().float(), generator)
         with _fp32(recon):
-            logits_real = self.discriminator(real, generator).float()
-            logits_fake = self.discriminator(fake, generator).float()
+            logits_real = disc(real, generator).float()
+            logits_fake = disc(fake, generator).float()
         hinge = c.discriminator_factor * hinge_d_loss(logits_real, logits_fake)
         real_mean, fake_mean = logits_real.mean(), logits_fake.mean()
         lecam = c.lecam_weight * lecam_loss(real_mean, fake_mean, self.ema_real_logits, self.ema_fake_logits)

@@ -73,15 +73,15 @@ def test_stage0_restarts_codes_and_keeps_the_ema_row(tmp_path):
     parts = build_stage("stage0", cfg, {}, torch.device("cpu"))
     ema = EMA(parts.model, 0.999)
     ema.update(parts.model)
-    loss, _ = parts.step_module(torch.rand(4, 3, 64, 64), 0)
+    loss, _ = parts.step_module()(torch.rand(4, 3, 64, 64), 0)
     loss.backward()
-    out = parts.post_step(0, ema)
+    out = parts.after_step(0, ema)
     assert out["restarted_codes"] >= 768             # 4 images x 64 codes use at most 256 of 1024 rows
     w = parts.model.quantize.embedding.weight
     assert torch.equal(ema.shadow["quantize.embedding.weight"], w.detach().float())
-    state = copy.deepcopy(parts.aux_state())
-    parts.load_aux_state(state)
+    state = copy.deepcopy(parts.state_dict())
+    parts.load_state_dict(state)
     # past teacher.dead_code_restart_until nothing restarts
     late = int(cfg.teacher.dead_code_restart_until * cfg.stage0.steps)
-    parts.step_module(torch.rand(4, 3, 64, 64), late)
-    assert parts.post_step(late, ema) == {}
+    parts.step_module()(torch.rand(4, 3, 64, 64), late)
+    assert parts.after_step(late, ema) == {}

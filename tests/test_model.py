@@ -202,7 +202,7 @@ def test_teacher_paths():
     codes = teacher.encode_codes(x)
     assert codes.shape == (2, 16) and codes.dtype == torch.long
     recon, info = teacher(x)
-    assert recon.shape == x.shape and set(info) == {"quantizer_loss", "codes"}
+    assert recon.shape == x.shape and set(info) == {"quantizer_loss", "codes", "latents"} and info["latents"].shape == (2, 256, 4, 4)
     assert torch.equal(info["codes"], codes)
     recon.mean().add(info["quantizer_loss"]).backward()
     assert teacher.encoder.conv_in.weight.grad is not None

@@ -258,7 +258,7 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
     before = {k: v.clone() for k, v in parts.model.state_dict().items()}
     opt = torch.optim.AdamW(parts.trainable_parameters(), lr=1e-2)
     images = torch.rand(4, 3, 64, 64)
-    loss, metrics = parts.step_module(images, 0)
+    loss, metrics = parts.step_module()(images, 0)
     assert torch.isfinite(loss) and "loss" in metrics
     loss.backward()
     opt.step()
@@ -267,10 +267,10 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
         d_metrics = parts.aux_step(parts.aux_module, images, 0)
         assert np.isfinite(d_metrics["d_loss"]) and np.isfinite(d_metrics["d_grad_norm"])
         assert any(not torch.equal(d_before[k], v) for k, v in parts.aux_module.state_dict().items())
-        state = parts.aux_state()
+        state = parts.state_dict()
         assert set(state) == {"loss", "d_optimizer"} and "ema_real_logits" in state["loss"]
         assert not any(k.startswith("backbone") for k in state["loss"]["discriminator"]), "external weights saved"
-        parts.load_aux_state(state)
+        parts.load_state_dict(state)
     after = parts.model.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved
@@ -304,7 +304,7 @@ def test_train_compile_keeps_names_and_the_eager_loss(tmp_path):
             maybe_compile(parts.model, cfg)
         assert list(parts.model.state_dict()) == keys
         torch.manual_seed(1)
-        loss, _ = parts.step_module(images, 0)
+        loss, _ = parts.step_module()(images, 0)
         loss.backward()
         return loss.detach(), parts.model.latent_tokens.grad.clone()
 

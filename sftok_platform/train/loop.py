@@ -39,7 +39,7 @@ from sftok.ema import EMA
 from sftok.optim import build_optimizer, lr_at, set_lr
 from sftok_platform.tracking import StageLogger
 from sftok_platform.train import checkpointing as ckpt
-from sftok_platform.train.stages import StageParts, build_stage
+from sftok_platform.train.stages import TrainingTask, build_stage
 
 
 def config_from_dict(d: dict) -> Config:
@@ -257,10 +257,10 @@ def train_loop_per_worker(config: dict) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True   # official: TF32 on
         torch.backends.cudnn.allow_tf32 = True
 
-    parts: StageParts = build_stage(stage, cfg, config["inputs"], device)
-    maybe_compile(parts.model, cfg)
+    task: TrainingTask = build_stage(stage, cfg, config["inputs"], device)
+    maybe_compile(task.model, cfg)
     seed_everything(cfg.train.seed + 1000 * rank)   # then per-rank streams (masks, augmentation)
-    model = parts.model
+    model = task.model
     optimizer = build_optimizer(model, st)
     ema = EMA(model, cfg.train.ema_decay)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
@@ -276,7 +276,7 @@ def train_loop_per_worker(config: dict) -> None:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        parts.load_aux_state(state.get("aux", {}))
+        task.load_state_dict(state.get("aux", {}))
         start_step = int(state["step"])
         resumed_fp = ckpt.optimizer_fingerprint(state["optimizer"])
         rng = state.get("rng", [])
@@ -287,11 +287,11 @@ def train_loop_per_worker(config: dict) -> None:
         del state
     refuse_hopeless_restart(paths, cfg, start_step, rank, config.get("launched_at", 0.0))
 
-    step_module = ray.train.torch.prepare_model(parts.step_module, move_to_device=False,
+    step_module = ray.train.torch.prepare_model(task.step_module(), move_to_device=False,
                                                 parallel_strategy="ddp" if world > 1 else None)
     aux_module = None
-    if parts.aux_module is not None:
-        aux_module = ray.train.torch.prepare_model(parts.aux_module, move_to_device=False,
+    if task.aux_module is not None:
+        aux_module = ray.train.torch.prepare_model(task.aux_module, move_to_device=False,
                                                    parallel_strategy="ddp" if world > 1 else None)
     if cfg.train.grad_compression == "bf16" and world > 1:
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import bf16_compress_hook
@@ -340,7 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
                 for k, v in metrics.items():
                     step_sums[k] = step_sums.get(k, 0.0) + float(v) / accum
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(parts.trainable_parameters(), cfg.train.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(task.trainable_parameters(), cfg.train.grad_clip)
             done = step + 1
             # divergence guard: a non-finite loss/gradient anywhere skips the update (weights, EMA, D) on
             # every rank; fp16's GradScaler backs off its scale as usual (update() still runs)
@@ -352,9 +352,9 @@ def train_loop_per_worker(config: dict) -> None:
             if finite:
                 bad_in_a_row = 0
                 ema.update(model)
-                aux_metrics = parts.post_step(step, ema)
+                aux_metrics = task.after_step(step, ema)
                 if aux_module is not None:
-                    aux_metrics.update(parts.aux_step(aux_module, images, step))
+                    aux_metrics.update(task.aux_step(aux_module, images, step))
                 for k, v in {**step_sums, **aux_metrics, "grad_norm": float(grad_norm)}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_sum += 1
@@ -386,9 +386,9 @@ def train_loop_per_worker(config: dict) -> None:
             if log_now:
                 metrics = all_reduce_mean({k: v / max(n_sum, 1) for k, v in sums.items()}, device)
                 metrics["nonfinite_steps"] = float(nonfinite_total)       # identical on every rank
-                counts = torch.zeros(parts.codebook_size, dtype=torch.float64, device=device)
+                counts = torch.zeros(task.codebook_size, dtype=torch.float64, device=device)
                 with torch.no_grad():
-                    counts += torch.bincount(parts.codes(images).flatten(), minlength=parts.codebook_size)
+                    counts += torch.bincount(task.codes(images).flatten(), minlength=task.codebook_size)
                 metrics.update(codebook_stats(all_reduce_sum_(counts)))
                 elapsed = time.perf_counter() - t_window
                 ips = steps_window * st.global_batch_size / max(elapsed, 1e-9)
@@ -405,17 +405,17 @@ def train_loop_per_worker(config: dict) -> None:
                 t_window, steps_window = time.perf_counter(), 0
             every = cfg.train.image_every
             if rank == 0 and every and done % every == 0 and not last:
-                _log_progress_grid(parts, log, stage, images, done)
+                _log_progress_grid(task, log, stage, images, done)
             if last:
-                report.update(_finish_stage(parts, ema, cfg, stage, paths, log, rank, device,
+                report.update(_finish_stage(task, ema, cfg, stage, paths, log, rank, device,
                                             time.perf_counter() - t_start, done - start_step))
             if ckpt_now:
-                _report_with_checkpoint(report, done, rank, world, model, ema, optimizer, scaler, parts, cfg)
+                _report_with_checkpoint(report, done, rank, world, model, ema, optimizer, scaler, task, cfg)
             elif log_now:
                 ray.train.report(report)
             maybe_fail(debug, done, rank)
         if start_step >= total:          # restarted after the last checkpoint: only (re)write the export
-            report = _finish_stage(parts, ema, cfg, stage, paths, log, rank, device, 0.0, 0)
+            report = _finish_stage(task, ema, cfg, stage, paths, log, rank, device, 0.0, 0)
             ray.train.report(report)
         status = "FINISHED"
     finally:
@@ -423,7 +423,7 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, model, ema, optimizer, scaler,
-                            parts: StageParts, cfg: Config) -> None:
+                            task: TrainingTask, cfg: Config) -> None:
     """Every rank reports; rank 0 attaches the full training state as ``step_<n>``."""
     import ray.train
     rng = ckpt.capture_rng()
@@ -442,7 +442,7 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
         raise StageDiverged(f"step {step}: {len(bad)} non-finite weight tensors ({', '.join(bad[:3])} ...); not "
                             f"checkpointing them over the last finite checkpoint. Lower the stage's lr and rerun.")
     state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "aux": parts.aux_state(),
+             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "aux": task.state_dict(),
              "rng": rng_all, "config": cfg.to_yaml()}
     name = f"step_{step:07d}"
     if cfg.train.checkpoint_upload == "async":
@@ -459,16 +459,16 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
-def _log_progress_grid(parts: StageParts, log: StageLogger, stage: str, images: torch.Tensor, step: int) -> None:
+def _log_progress_grid(task: TrainingTask, log: StageLogger, stage: str, images: torch.Tensor, step: int) -> None:
     """Rank 0, every ``train.image_every`` steps: originals vs reconstructions of the online model (the EMA
     grid is logged at the end of the stage), as MLflow images under the same key with the step."""
-    parts.model.eval()
+    task.model.eval()
     with torch.no_grad():
-        rows, labels = parts.grid_rows(parts.model, images[:4].float())
+        rows, labels = task.grid_rows(task.model, images[:4].float())
     log.image_grid(rows, labels, f"{stage}_recon", step=step)
 
 
-def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: ckpt.StagePaths,
+def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, stage: str, paths: ckpt.StagePaths,
                   log: StageLogger, rank: int, device: torch.device, seconds: float, steps: int) -> dict:
     """Rank 0: export the EMA weights, log image grids and compute the validation metrics.
 
@@ -480,14 +480,14 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
     import ray.train
     if rank != 0:
         return {}
-    ema_model = copy.deepcopy(parts.model)
+    ema_model = copy.deepcopy(task.model)
     ema.copy_to(ema_model)
     ema_model.eval()
     bad = ckpt.nonfinite_tensors(ema_model.state_dict())
     if bad:
         raise StageDiverged(f"{stage}: the EMA weights hold {len(bad)} non-finite tensors ({', '.join(bad[:3])} ...); "
                             "no export written. Lower the stage's lr and rerun.")
-    parts.export(ema_model, paths.export)
+    task.export(ema_model, paths.export)
     out: dict = {}
     val = ray.train.get_dataset_shard("val")
     limit = cfg.eval.stage_val_images     # a quick check; the full evaluation is sftok_platform.evaluate
@@ -499,14 +499,14 @@ def _finish_stage(parts: StageParts, ema: EMA, cfg: Config, stage: str, paths: c
             images = batch["image"].float()
             if first is None:
                 first = images[:4]
-            for k, v in parts.val_metrics(ema_model, images).items():
+            for k, v in task.validate(ema_model, images).items():
                 sums[k] = sums.get(k, 0.0) + float(v) * images.shape[0]
             n_img += images.shape[0]
             if n_img >= limit:
                 break
         out = {f"val_{k}": v / max(n_img, 1) for k, v in sums.items()}
         if first is not None:
-            rows, labels = parts.grid_rows(ema_model, first)
+            rows, labels = task.grid_rows(ema_model, first)
             paths.images.mkdir(parents=True, exist_ok=True)
             from sftok_platform.tracking import save_image_grid
             save_image_grid(rows, labels, paths.images / f"{stage}_final.png")

@@ -11,77 +11,105 @@ stage3     decoder + pixel head (encoder frozen), D    stage-2 EMA + teacher as 
 =========  ==========================================  ==========================  =========================
 
 Stage 0 exists for data sets the official teacher was not trained on (or offline clusters without it);
-with ``teacher.weights`` set the pipeline skips it. :func:`build_stage` returns a :class:`StageParts`:
-the model whose EMA is exported, a ``step_module`` whose ``forward(images, step) -> (loss, metrics)`` is
-what DDP wraps (so every gradient-carrying pass runs inside DDP's forward), and the hooks the loop uses
-for codebook statistics, validation, image grids, the export and (stage 3) the discriminator.
+with ``teacher.weights`` set the pipeline skips it. Each stage is a :class:`TrainingTask` subclass (the
+shape of timm's ``TrainingTask``): it builds the trained ``model`` and names what the one worker loop
+(:mod:`sftok_platform.train.loop`) asks of it, ``loss``, ``validate``, ``grid_rows``, ``export``, and
+where a stage needs them ``after_step``, the auxiliary optimisation (stage 3's discriminator) and its own
+resumable state. Adding a stage means writing one class and naming it in :data:`TASKS`.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sftok_platform.config import Config
-from sftok.maskgit_vqgan import MaskGITVQGAN
+from sftok.checkpoint import WEIGHTS_FILE, save_model
+from sftok.dead_codes import DeadCodeRestart
+from sftok.ema import EMA, unwrap_model
+from sftok.maskgit_vqgan import MaskGITVQGAN, init_scaled_
 from sftok.model import SFTok
+from sftok.objectives import Stage3Loss, stage0_loss, stage_loss
+from sftok.optim import discriminator_lr_at, set_lr
+from sftok.weights import read_state_dict
+from sftok_platform.config import Config
 from sftok_platform.train import checkpointing as ckpt
 
 STAGES = ("stage0", "stage1", "stage2", "stage3")
 
 
-@dataclass
-class StageParts:
-    """Everything stage-specific the loop needs."""
-    model: nn.Module                                   # trained; its EMA is the stage's export
-    step_module: nn.Module                             # forward(images, step) -> (loss, metrics dict)
-    codes: Callable[[torch.Tensor], torch.Tensor]      # images -> code ids (codebook usage / perplexity)
-    codebook_size: int
-    export: Callable[[nn.Module, Path], None]          # (EMA model, dir) -> writes the export
-    val_metrics: Callable[[nn.Module, torch.Tensor], dict]
-    grid_rows: Callable[[nn.Module, torch.Tensor], tuple[list, list]]
-    aux_module: Optional[nn.Module] = None             # stage 3: the discriminator (DDP-wrapped by the loop)
+class _LossModule(nn.Module):
+    """``forward(images, step)`` runs the task's loss on ``self.model`` (the only registered submodule, so
+    DDP sees exactly the trained parameters and every gradient-carrying pass runs inside DDP's forward).
+    The task (teacher, loss modules) is kept outside the module tree on purpose."""
+
+    def __init__(self, task: "TrainingTask"):
+        super().__init__()
+        self.model = task.model
+        object.__setattr__(self, "_task", task)
+
+    def forward(self, images: torch.Tensor, step: int):
+        return self._task.loss(self.model, images, step)
+
+
+class TrainingTask:
+    """One stage's half of the training loop. Subclasses set ``model`` and ``codebook_size`` in
+    ``__init__(cfg, inputs, device)`` and implement the four abstract methods; the rest are optional hooks.
+
+    ``inputs``: paths from earlier stages (``teacher``: a teacher export or weights, ``init``: the previous
+    stage's export).
+    """
+    model: nn.Module                                 # trained; its EMA is the stage's export
+    codebook_size: int                               # of the codes ``codes`` returns (usage statistics)
+    aux_module: Optional[nn.Module] = None           # trained beside the model (stage 3: the discriminator)
     aux_optimizer: Optional[torch.optim.Optimizer] = None
-    aux_step_fn: Optional[Callable] = None
-    aux_state_fn: Optional[Callable[[], dict]] = None
-    aux_load_fn: Optional[Callable[[dict], None]] = None
-    post_step_fn: Optional[Callable] = None            # (step, ema) -> metrics, on every rank after each update
-    notes: dict = field(default_factory=dict)
+
+    def loss(self, model: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+        """The training objective on ``model`` (the DDP-wrapped module's inner model): (loss, metrics)."""
+        raise NotImplementedError
+
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """Code ids of ``images`` under the trained model (codebook usage and perplexity)."""
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, images: torch.Tensor) -> dict[str, float]:
+        """End-of-stage figures of ``model`` (the EMA copy) on validation images, with their baselines."""
+        raise NotImplementedError
+
+    def grid_rows(self, model: nn.Module, images: torch.Tensor) -> tuple[list[torch.Tensor], list[str]]:
+        """Rows of the image grid: the originals and what ``model`` makes of them, with row labels."""
+        raise NotImplementedError
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """Write ``model`` (the EMA copy) as the stage's export, the next stage's input."""
+        raise NotImplementedError
+
+    # ----------------------------------------------------------------------------------- optional hooks
+    def after_step(self, step: int, ema: EMA) -> dict[str, float]:
+        """Runs on every rank after each optimiser update (stage 0: dead-code restarts)."""
+        return {}
+
+    def aux_step(self, wrapped: nn.Module, images: torch.Tensor, step: int) -> dict[str, float]:
+        """One update of ``aux_module`` (``wrapped``: its DDP wrapper) after the model's update."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the task needs to resume besides model, EMA and optimizer (saved in every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ----------------------------------------------------------------------------------- for the loop
+    def step_module(self) -> nn.Module:
+        """The module DDP wraps: ``forward(images, step) -> (loss, metrics)``."""
+        return _LossModule(self)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    def aux_step(self, wrapped: nn.Module, images: torch.Tensor, step: int) -> dict:
-        return self.aux_step_fn(wrapped, images, step) if self.aux_step_fn else {}
-
-    def post_step(self, step: int, ema) -> dict:
-        return self.post_step_fn(step, ema) if self.post_step_fn else {}
-
-    def aux_state(self) -> dict:
-        return self.aux_state_fn() if self.aux_state_fn else {}
-
-    def load_aux_state(self, state: dict) -> None:
-        if state and self.aux_load_fn:
-            self.aux_load_fn(state)
-
-
-class _LossModule(nn.Module):
-    """``forward(images, step)`` runs a stage loss on ``self.model`` (the only registered submodule, so
-    DDP sees exactly the trained parameters). Extra objects (teacher, loss modules) are kept outside the
-    module tree on purpose."""
-
-    def __init__(self, model: nn.Module, fn: Callable):
-        super().__init__()
-        self.model = model
-        object.__setattr__(self, "_fn", fn)
-
-    def forward(self, images: torch.Tensor, step: int):
-        return self._fn(self.model, images, step)
 
 
 # ######################################################################################################
@@ -117,18 +145,12 @@ def _sftok(cfg: Config, pixel_head: bool, device) -> SFTok:
 def _load_init(model: SFTok, init_dir: str, *, allow_missing_prefixes: tuple[str, ...] = ()) -> None:
     """Load the previous stage's export (EMA weights); only keys under ``allow_missing_prefixes`` may be
     absent (stage 3: the pixel head, which comes from the teacher)."""
-    from sftok.checkpoint import WEIGHTS_FILE
-    from sftok.weights import read_state_dict
     state = read_state_dict(Path(init_dir) / WEIGHTS_FILE)
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith(allow_missing_prefixes)]
     if missing or result.unexpected_keys:
         raise ValueError(f"{init_dir} does not fit this model (missing {missing[:5]}, unexpected "
                          f"{result.unexpected_keys[:5]}); was it written with another model config?")
-
-
-def _token_codes(model: SFTok) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda images: model.encode(images)
 
 
 def _decode_rows(model: SFTok, images: torch.Tensor, steps: list[int], teacher: Optional[MaskGITVQGAN]):
@@ -163,153 +185,177 @@ def _token_val(model: SFTok, teacher: MaskGITVQGAN, images: torch.Tensor, steps:
 # The stages
 # ######################################################################################################
 
-def build_stage0(cfg: Config, inputs: dict, device) -> StageParts:
-    from sftok.dead_codes import DeadCodeRestart
-    from sftok.objectives import stage0_loss
-    from sftok.maskgit_vqgan import init_scaled_
-    t = cfg.teacher
-    teacher = MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, cfg.teacher_arch())
-    if t.init == "scaled":
-        init_scaled_(teacher)
-    teacher = teacher.to(device)
-    qw = cfg.stage0.quantizer_weight
+class TeacherTask(TrainingTask):
+    """Stage 0: train a MaskGIT-VQGAN-architecture teacher (MSE + VQ loss), restarting dead codes during
+    the first ``teacher.dead_code_restart_until`` of the steps (sftok.dead_codes)."""
 
-    # dead-code restart (sftok.dead_codes): the quantizer's input and ids of the last training forward
-    restart = DeadCodeRestart(t.codebook_size, seed=cfg.train.seed)
-    restart_steps = int(t.dead_code_restart_until * cfg.stage0.steps)
-    last: dict = {}
-    teacher.quantize.register_forward_hook(
-        lambda module, args, out: last.update(h=args[0].detach(), ids=out[1].detach()))
+    def __init__(self, cfg: Config, inputs: dict, device):
+        t = self.teacher_cfg = cfg.teacher
+        teacher = MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, cfg.teacher_arch())
+        if t.init == "scaled":
+            init_scaled_(teacher)
+        self.model = teacher.to(device)
+        self.codebook_size = t.codebook_size
+        self.quantizer_weight = cfg.stage0.quantizer_weight
+        self.restart = DeadCodeRestart(t.codebook_size, seed=cfg.train.seed)
+        self.restart_steps = int(t.dead_code_restart_until * cfg.stage0.steps)
+        self._last_quantizer_io: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
-    def post_step(step, ema) -> dict:
-        if step >= restart_steps or "h" not in last:
+    def loss(self, model, images, step):
+        outputs = model(images)
+        _, info = outputs
+        self._last_quantizer_io = (info["latents"].detach(), info["codes"].detach())   # for after_step
+        return stage0_loss(model, images, quantizer_weight=self.quantizer_weight, outputs=outputs)
+
+    def after_step(self, step, ema):
+        io, self._last_quantizer_io = self._last_quantizer_io, None
+        if step >= self.restart_steps or io is None:
             return {}
-        h = last.pop("h")
-        dead = restart(teacher.quantize.embedding, h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]),
-                       last.pop("ids"), step)
+        latents, ids = io
+        embedding = self.model.quantize.embedding
+        dead = self.restart(embedding, latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1]), ids, step)
         if dead.numel():       # the exported EMA must not average a restarted row with the dead one
-            ema.shadow["quantize.embedding.weight"][dead] = teacher.quantize.embedding.weight[dead].float()
+            ema.reset_rows("quantize.embedding.weight", dead, embedding.weight[dead])
         return {"restarted_codes": float(dead.numel())}
 
-    def loss(model, images, step):
-        return stage0_loss(model, images, quantizer_weight=qw)
+    def codes(self, images):
+        return self.model.encode_codes(images)
 
-    def val(model, images):
+    def validate(self, model, images):
         recon = model.decode_codes(model.encode_codes(images))
         return {"loss": F.mse_loss(recon, images).item(), "psnr": _psnr(recon, images).mean().item(),
                 "mean_image_psnr": _mean_image_psnr(images)}
 
-    def rows(model, images):
+    def grid_rows(self, model, images):
         return [images, model.decode_codes(model.encode_codes(images))], ["original", "teacher reconstruction"]
 
-    def export(model, directory):
+    def export(self, model, directory):
+        t = self.teacher_cfg
         ckpt.save_teacher(model, directory, hidden_channels=t.hidden_channels, codebook_size=t.codebook_size,
                           z_channels=t.z_channels)
 
-    return StageParts(model=teacher, step_module=_LossModule(teacher, loss),
-                      codes=lambda images: teacher.encode_codes(images), codebook_size=t.codebook_size,
-                      export=export, val_metrics=val, grid_rows=rows, post_step_fn=post_step,
-                      aux_state_fn=lambda: {"dead_code_restart": restart.state_dict()},
-                      aux_load_fn=lambda state: restart.load_state_dict(state["dead_code_restart"]))
+    def state_dict(self):
+        return {"dead_code_restart": self.restart.state_dict()}
+
+    def load_state_dict(self, state):
+        if state:
+            self.restart.load_state_dict(state["dead_code_restart"])
 
 
-def build_stage12(stage: str, cfg: Config, inputs: dict, device) -> StageParts:
-    from sftok.checkpoint import save_model
-    from sftok.objectives import stage_loss
-    teacher = _teacher(inputs, cfg, device)
-    model = _sftok(cfg, pixel_head=False, device=device)
-    if stage == "stage2":
-        if not inputs.get("init"):
-            raise ValueError("stage2 starts from the stage-1 EMA weights: run stage1 first (or pass its export).")
-        _load_init(model, inputs["init"])
-    st = getattr(cfg, stage)
+class TokenTask(TrainingTask):
+    """Stages 1 and 2: the tokenizer predicts the frozen teacher's codes (stage 1 with every slot masked,
+    stage 2 with SFVR); stage 2 starts from the stage-1 export."""
 
-    def loss(m, images, step):
+    def __init__(self, stage: str, cfg: Config, inputs: dict, device):
+        self.stage, self.stage_cfg = stage, getattr(cfg, stage)
+        self.teacher = _teacher(inputs, cfg, device)
+        self.model = _sftok(cfg, pixel_head=False, device=device)
+        if stage == "stage2":
+            if not inputs.get("init"):
+                raise ValueError("stage2 starts from the stage-1 EMA weights: run stage1 first (or pass its export).")
+            _load_init(self.model, inputs["init"])
+        self.codebook_size = cfg.model.codebook_size
+        self.steps = list(cfg.eval.steps)
+
+    def loss(self, model, images, step):
         with torch.no_grad():
-            codes = teacher.encode_codes(images)
-        return stage_loss(stage, m, images, codes, st)
+            codes = self.teacher.encode_codes(images)
+        return stage_loss(self.stage, model, images, codes, self.stage_cfg)
 
-    steps = list(cfg.eval.steps)
-    return StageParts(model=model, step_module=_LossModule(model, loss), codes=_token_codes(model),
-                      codebook_size=cfg.model.codebook_size, export=lambda m, d: save_model(m, d),
-                      val_metrics=lambda m, x: _token_val(m, teacher, x, steps),
-                      grid_rows=lambda m, x: _decode_rows(m, x, steps, teacher))
+    def codes(self, images):
+        return self.model.encode(images)
+
+    def validate(self, model, images):
+        return _token_val(model, self.teacher, images, self.steps)
+
+    def grid_rows(self, model, images):
+        return _decode_rows(model, images, self.steps, self.teacher)
+
+    def export(self, model, directory):
+        save_model(model, directory)
 
 
-def build_stage3(cfg: Config, inputs: dict, device) -> StageParts:
-    from sftok.checkpoint import save_model
-    from sftok.ema import unwrap_model
-    from sftok.objectives import Stage3Loss
-    if not inputs.get("init"):
-        raise ValueError("stage3 fine-tunes a stage-2 model: run stage2 first (or pass its export).")
-    teacher = _teacher(inputs, cfg, device)
-    model = _sftok(cfg, pixel_head=True, device=device)
-    _load_init(model, inputs["init"], allow_missing_prefixes=("pixel_quantize.", "pixel_decoder."))
-    model.init_pixel_head_from_teacher(teacher)
-    Stage3Loss.prepare_model(model)
-    del teacher
-    st = cfg.stage3
-    losses = Stage3Loss(cfg.losses, quantizer_weight=st.quantizer_weight).to(device)
-    last = {}
+class PixelTask(TrainingTask):
+    """Stage 3: fine-tune the decoder and the soft pixel head (initialised from the teacher's decoder) on
+    pixels, encoder frozen, with the official perceptual and adversarial terms and a discriminator step."""
 
-    def loss(m, images, step):
-        value, metrics, recon = losses.generator_loss(m, images, step)
-        last["recon"] = recon.detach()
+    def __init__(self, cfg: Config, inputs: dict, device):
+        if not inputs.get("init"):
+            raise ValueError("stage3 fine-tunes a stage-2 model: run stage2 first (or pass its export).")
+        teacher = _teacher(inputs, cfg, device)
+        self.model = _sftok(cfg, pixel_head=True, device=device)
+        _load_init(self.model, inputs["init"], allow_missing_prefixes=("pixel_quantize.", "pixel_decoder."))
+        self.model.init_pixel_head_from_teacher(teacher)
+        Stage3Loss.prepare_model(self.model)
+        self.cfg, self.stage_cfg = cfg, cfg.stage3
+        self.codebook_size = cfg.model.codebook_size
+        self.steps = list(cfg.eval.steps)
+        self.losses = Stage3Loss(cfg.losses, quantizer_weight=self.stage_cfg.quantizer_weight).to(device)
+        self.aux_module = self.losses.discriminator
+        self.aux_optimizer = (self.losses.discriminator_optimizer(self.stage_cfg)
+                              if self.aux_module is not None else None)
+        self._last_recon: Optional[torch.Tensor] = None
+
+    def loss(self, model, images, step):
+        value, metrics, recon = self.losses.generator_loss(model, images, step)
+        self._last_recon = recon.detach()                 # the fakes of this step's discriminator update
         return value, metrics
 
-    d_opt = losses.discriminator_optimizer(st) if losses.discriminator is not None else None
-    disc = losses.discriminator
-
-    def d_step(wrapped, images, step) -> dict:
-        from sftok.optim import discriminator_lr_at, set_lr
-        if not losses.gan_active(step):
+    def aux_step(self, wrapped, images, step):
+        if self.aux_optimizer is None or not self.losses.gan_active(step):
             return {}
-        set_lr(d_opt, discriminator_lr_at(step, st, cfg.losses))
-        losses.discriminator = wrapped              # the DDP wrapper for the D pass (gradients all-reduced)
-        try:
-            d_loss, metrics = losses.discriminator_loss(images, last["recon"])
-            d_loss.backward()
-            # clipped like the generator (global norm train.grad_clip), as the TiTok-derived official loop does
-            d_params = [p for p in unwrap_model(wrapped).parameters() if p.requires_grad]
-            metrics = {**metrics, "d_grad_norm": float(torch.nn.utils.clip_grad_norm_(d_params, cfg.train.grad_clip))}
-            d_opt.step()
-            d_opt.zero_grad(set_to_none=True)
-        finally:
-            losses.discriminator = unwrap_model(wrapped)
-        return metrics
+        set_lr(self.aux_optimizer, discriminator_lr_at(step, self.stage_cfg, self.cfg.losses))
+        d_loss, metrics = self.losses.discriminator_loss(images, self._last_recon, discriminator=wrapped)
+        d_loss.backward()
+        # clipped like the generator (global norm train.grad_clip), as the TiTok-derived official loop does
+        d_params = [p for p in unwrap_model(wrapped).parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(d_params, self.cfg.train.grad_clip)
+        self.aux_optimizer.step()
+        self.aux_optimizer.zero_grad(set_to_none=True)
+        return {**metrics, "d_grad_norm": float(grad_norm)}
 
-    def aux_state() -> dict:
-        """D heads + LeCam EMAs (never the external backbones) and D's optimizer."""
-        return {"loss": losses.checkpoint_state(), **({"d_optimizer": d_opt.state_dict()} if d_opt else {})}
+    def codes(self, images):
+        return self.model.encode(images)
 
-    def aux_load(state: dict) -> None:
-        losses.load_checkpoint_state(state["loss"])
-        if d_opt is not None:
-            d_opt.load_state_dict(state["d_optimizer"])
-
-    steps = list(cfg.eval.steps)
-
-    def val(m, images):
-        recon = m.decode_tokens(m.encode(images), num_steps=max(steps), temperature=0.0).clamp(0, 1)
-        return {"loss": F.mse_loss(recon, images).item(), f"psnr_{max(steps)}step": _psnr(recon, images).mean().item(),
+    def validate(self, model, images):
+        n = max(self.steps)
+        recon = model.decode_tokens(model.encode(images), num_steps=n, temperature=0.0).clamp(0, 1)
+        return {"loss": F.mse_loss(recon, images).item(), f"psnr_{n}step": _psnr(recon, images).mean().item(),
                 "mean_image_psnr": _mean_image_psnr(images)}
 
-    return StageParts(model=model, step_module=_LossModule(model, loss), codes=_token_codes(model),
-                      codebook_size=cfg.model.codebook_size, export=lambda m, d: save_model(m, d),
-                      val_metrics=val, grid_rows=lambda m, x: _decode_rows(m, x, steps, None),
-                      aux_module=disc, aux_optimizer=d_opt, aux_step_fn=d_step if disc is not None else None,
-                      aux_state_fn=aux_state, aux_load_fn=aux_load)
+    def grid_rows(self, model, images):
+        return _decode_rows(model, images, self.steps, None)
+
+    def export(self, model, directory):
+        save_model(model, directory)
+
+    def state_dict(self):
+        """D heads + LeCam EMAs (never the external backbones) and D's optimizer."""
+        return {"loss": self.losses.checkpoint_state(),
+                **({"d_optimizer": self.aux_optimizer.state_dict()} if self.aux_optimizer else {})}
+
+    def load_state_dict(self, state):
+        if not state:
+            return
+        self.losses.load_checkpoint_state(state["loss"])
+        if self.aux_optimizer is not None:
+            self.aux_optimizer.load_state_dict(state["d_optimizer"])
 
 
-def build_stage(stage: str, cfg: Config, inputs: dict, device) -> StageParts:
-    """The :class:`StageParts` of ``stage`` with every model on ``device``."""
-    if stage == "stage0":
-        return build_stage0(cfg, inputs, device)
-    if stage in ("stage1", "stage2"):
-        return build_stage12(stage, cfg, inputs, device)
-    if stage == "stage3":
-        return build_stage3(cfg, inputs, device)
-    raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
+# stage name -> task constructor (cfg, inputs, device)
+TASKS = {
+    "stage0": TeacherTask,
+    "stage1": lambda cfg, inputs, device: TokenTask("stage1", cfg, inputs, device),
+    "stage2": lambda cfg, inputs, device: TokenTask("stage2", cfg, inputs, device),
+    "stage3": PixelTask,
+}
 
 
-__all__ = ["STAGES", "StageParts", "build_stage"]
+def build_stage(stage: str, cfg: Config, inputs: dict, device) -> TrainingTask:
+    """The :class:`TrainingTask` of ``stage`` with every model on ``device``."""
+    if stage not in TASKS:
+        raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
+    return TASKS[stage](cfg, inputs, device)
+
+
+__all__ = ["STAGES", "TASKS", "TrainingTask", "TeacherTask", "TokenTask", "PixelTask", "build_stage"]
