@@ -10,11 +10,13 @@ Four steps, each resumable, under ``<run.root>/<run.name>/stages/stage4/``:
    which images share the batch, so precomputed tokens equal on-the-fly ones). The official random flip is
    kept by picking one of the two token rows per sample at training time. Output: ``tokens/`` Parquet
    (``tokens``, ``tokens_flip`` int16 [64], ``label``) + ``tokens.json``.
-2. **Train** :class:`sftok.generator.MaskGITGenerator` with Ray Train ``TorchTrainer``: run name
+2. **Train** :class:`sftok.generator.MaskGITGenerator` in the one training loop of every stage
+   (``sftok_platform.train.loop``, task ``GeneratorTask``) and its ``TorchTrainer``: run name
    ``<run.name>-stage4`` (the same name resumes from ``ray.train.get_checkpoint()``), a checkpoint from rank
    0 every ``train.checkpoint_every`` steps, AdamW (``generator.lr``, betas, wd with the official no-decay
-   rule), warm-up + cosine, grad clip ``train.grad_clip``, EMA ``train.ema_decay``. The EMA weights are
-   exported to ``export/`` (``sftok.generator.load_generator``).
+   rule), warm-up + cosine, grad clip ``train.grad_clip``, EMA ``train.ema_decay``, mixed precision (with
+   the GradScaler for fp16), TF32, ``train.compile`` and the divergence guard like stages 0-3. The EMA
+   weights are exported to ``export/`` (``sftok.generator.load_generator``).
 3. **Sample** ``generator.samples_per_class`` images for every class of the data in parallel (Ray Data over
    class chunks on an actor pool): CFG sampling (``generator.sample_steps``, ``guidance_scale``,
    ``temperature``, softmax-temperature annealing as in the TiTok sampling script), decoding with the
@@ -32,13 +34,11 @@ the final metrics and the EMA export.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -122,7 +122,6 @@ def run_stage4(cfg: Config, tokenizer_dir: str, shards: str, parent_run_id: Opti
         c.log_artifact(run_id, str(grid), "images")
         c.log_artifact(run_id, str(grid.with_suffix(".txt")), "images")
         c.log_artifact(run_id, str(paths.dir / "samples.npz"), "samples")
-        c.log_artifacts(run_id, str(paths.export), "export")
         out = {**metrics, "gfid_label": label, "export": str(paths.export)}
         (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))
     ckpt.mark_done(paths, {"metrics": out, "run_id": run_id, "tokenizer": str(tokenizer_dir)})
@@ -243,210 +242,34 @@ def tokenize_train_split(cfg: Config, tokenizer_dir: str, shards: str, stage_dir
 
 def train_generator(cfg: Config, tokens_dir: str, paths, codebook_size: int, seq_len: int,
                     run_id: Optional[str], *, debug: Optional[dict] = None) -> dict:
-    """One ``TorchTrainer.fit()`` named ``<run.name>-stage4`` (resumes by name); skipped when the export
-    of a finished training exists. Returns ``{"loss", "seconds"}``."""
+    """Train the generator as stage 4 of the one training loop (``sftok_platform.train.stages.GeneratorTask``
+    in ``build_trainer``'s ``TorchTrainer``, named ``<run.name>-stage4``: the same name resumes); skipped
+    when the export of a finished training exists. Returns ``{"loss", "step", "seconds", "ray_checkpoint"}``."""
     import ray.data
-    import ray.train
     from ray.data import FileShuffleConfig
-    from ray.train.torch import TorchTrainer
 
     from sftok_platform import tracking
-    from sftok_platform.train import checkpointing as ckpt
+    from sftok_platform.train.pipeline import build_trainer
 
     done_file = paths.dir / "train_done.json"
     if done_file.is_file() and (paths.export / "generator.safetensors").is_file():
         return json.loads(done_file.read_text())
-    t = cfg.train
-    storage = ckpt.storage_path(paths.run_dir)
-    name = ckpt.ray_run_name(cfg.run.name, STAGE)
-    loop_config = {"cfg": cfg.to_dict(), "run_dir": str(paths.run_dir), "codebook_size": codebook_size,
-                   "seq_len": seq_len, "debug": debug,
-                   "tracking": {"uri": tracking.tracking_uri(cfg), "run_id": run_id,
-                                "system_metrics": cfg.tracking.system_metrics}}
-    trainer = TorchTrainer(
-        generator_train_loop,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=t.workers, use_gpu=t.gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})},
-            placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep)),
-        datasets={"train": ray.data.read_parquet(tokens_dir, shuffle=FileShuffleConfig(seed=cfg.data.shuffle_seed))},
-    )
+    trainer = build_trainer(
+        cfg, STAGE, run_id=run_id, debug=debug, inputs={"codebook_size": codebook_size, "seq_len": seq_len},
+        datasets={"train": ray.data.read_parquet(tokens_dir, shuffle=FileShuffleConfig(seed=cfg.data.shuffle_seed))})
     t0 = time.time()
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    info = json.loads((paths.dir / "train_final.json").read_text())
-    info["seconds"] = time.time() - t0
-    info["ray_checkpoint"] = result.checkpoint.path if result.checkpoint is not None else ""
+    metrics = result.metrics or {}
+    info = {"loss": float(metrics.get("loss", float("nan"))), "step": int(metrics.get("step", cfg.generator.steps)),
+            "seconds": time.time() - t0,
+            "ray_checkpoint": result.checkpoint.path if result.checkpoint is not None else ""}
     if run_id:
         tracking.client(cfg).set_tag(run_id, "ray.checkpoint", info["ray_checkpoint"])
     done_file.write_text(json.dumps(info, indent=2))
     return info
 
-
-def _token_batches(shard, micro: int, seed: int, device, first_epoch: int) -> Iterator[dict]:
-    """Endless micro-batches of token rows; ``iter_torch_batches`` is one-shot, so once per epoch."""
-    epoch = first_epoch
-    dtypes = {"tokens": torch.int64, "tokens_flip": torch.int64, "label": torch.int64}
-    while True:
-        n = 0
-        local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-        for batch in shard.iter_torch_batches(batch_size=micro, dtypes=dtypes, device=device, drop_last=True,
-                                              local_shuffle_buffer_size=max(4 * micro, 64),
-                                              local_shuffle_seed=local_seed):
-            n += 1
-            yield batch
-        if n == 0:
-            raise RuntimeError(f"this worker's token shard has fewer than {micro} rows (one micro-batch); use "
-                               "more data, fewer workers or a smaller generator.global_batch_size.")
-        epoch += 1
-
-
-def generator_train_loop(config: dict) -> None:
-    """Ray Train worker loop of stage 4 (``train_loop_config``: ``cfg`` dict, ``run_dir``, ``codebook_size``,
-    ``seq_len``, ``tracking`` {uri, run_id, system_metrics}, optional ``debug``)."""
-    import ray.train
-    import ray.train.torch
-
-    from sftok.ema import EMA
-    from sftok.generator import MaskGITGenerator, save_generator, training_loss
-    from sftok.optim import build_adamw, cosine_lr, set_lr
-    from sftok_platform.tracking import StageLogger
-    from sftok_platform.train import checkpointing as ckpt
-    from sftok_platform.train.loop import (all_reduce_mean, autocast_dtype, config_from_dict, fmt_eta,
-                                           maybe_fail, say, seed_everything)
-
-    cfg = config_from_dict(config["cfg"])
-    g = cfg.generator
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    paths = ckpt.StagePaths(Path(config["run_dir"]), STAGE)
-    micro = g.global_batch_size // world
-    seed_everything(cfg.train.seed + 1000 * rank)
-
-    model = MaskGITGenerator(g, codebook_size=config["codebook_size"], seq_len=config["seq_len"]).to(device)
-    optimizer = build_adamw(model, lr=g.lr, betas=(g.beta1, g.beta2), weight_decay=g.weight_decay)
-    ema = EMA(model, cfg.train.ema_decay)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = ckpt.load_state(d, map_location=device)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = int(state["step"])
-        rng = state.get("rng", [])
-        if len(rng) == world:
-            ckpt.restore_rng(rng[rank])
-        del state
-    wrapped = ray.train.torch.prepare_model(model, move_to_device=False,
-                                            parallel_strategy="ddp" if world > 1 else None)
-    amp = autocast_dtype(cfg.train.precision, device)
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
-    log = StageLogger(config["tracking"]["uri"], config["tracking"].get("run_id"), enabled=rank == 0,
-                      system_metrics=config["tracking"].get("system_metrics", True))
-    if rank == 0:
-        ckpt.journal(paths, event="start", step=start, resumed=checkpoint is not None, world_size=world)
-        say(f"[stage4] {'resuming at step ' + str(start) if checkpoint else 'starting'}: {g.steps} steps, "
-              f"global batch {g.global_batch_size} = {world} x {micro}, generator "
-              f"{sum(p.numel() for p in model.parameters()):,} params")
-    batches = _token_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
-                             device, first_epoch=start)
-    flip_rng = torch.Generator().manual_seed(cfg.train.seed + 31 * rank + start)
-    status, last_loss = "FAILED", float("nan")
-    try:
-        sums: dict[str, float] = {}
-        n_sum, t_win, steps_win = 0, time.perf_counter(), 0
-        for step in range(start, g.steps):
-            lr = cosine_lr(step, g.lr, g.end_lr, g.warmup_steps, g.steps)
-            set_lr(optimizer, lr)
-            wrapped.train()
-            batch = next(batches)
-            flip = (torch.rand(micro, generator=flip_rng) < 0.5).to(device)[:, None]
-            tokens = torch.where(flip, batch["tokens_flip"], batch["tokens"])     # the official random flip
-            with autocast:
-                loss, metrics = training_loss(wrapped, tokens, batch["label"])
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            ema.update(model)
-            for k, v in {**metrics, "grad_norm": float(grad_norm)}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n_sum += 1
-            steps_win += 1
-            done = step + 1
-            last = done == g.steps
-            report: dict = {}
-            if done % cfg.train.log_every == 0 or last:
-                avg = all_reduce_mean({k: v / n_sum for k, v in sums.items()}, device)
-                elapsed = time.perf_counter() - t_win
-                avg.update(lr=lr, tokens_per_s=steps_win * g.global_batch_size / max(elapsed, 1e-9))
-                last_loss = avg["loss"]
-                if rank == 0:
-                    log.metrics(avg, step=done)
-                    eta = (g.steps - done) * elapsed / max(steps_win, 1)
-                    say(f"[stage4] step {done}/{g.steps} loss {avg['loss']:.4f} acc "
-                          f"{avg['masked_accuracy']:.3f} lr {lr:.2e} ETA {fmt_eta(eta)}")
-                report = {"step": done, **avg}
-                sums, n_sum, t_win, steps_win = {}, 0, time.perf_counter(), 0
-            if rank == 0:
-                ckpt.journal(paths, step=done, loss=float(loss.detach()))
-            if last and rank == 0:
-                ema_model = MaskGITGenerator(g, codebook_size=config["codebook_size"], seq_len=config["seq_len"])
-                ema_model.load_state_dict({k: v.cpu() for k, v in ema.state_dict_for(model).items()})
-                save_generator(ema_model, paths.export)
-                (paths.dir / "train_final.json").write_text(json.dumps({"loss": last_loss, "step": done}))
-            if done % cfg.train.checkpoint_every == 0 or last:
-                _report_checkpoint(report or {"step": done}, done, rank, world, model, ema, optimizer, cfg)
-            elif report:
-                ray.train.report(report)
-            maybe_fail(config.get("debug"), done, rank)
-        if start >= g.steps:       # restarted after the final checkpoint: the export may be missing
-            if rank == 0 and not (paths.export / "generator.safetensors").is_file():
-                ema_model = MaskGITGenerator(g, codebook_size=config["codebook_size"], seq_len=config["seq_len"])
-                ema_model.load_state_dict({k: v.cpu() for k, v in ema.state_dict_for(model).items()})
-                save_generator(ema_model, paths.export)
-            if rank == 0 and not (paths.dir / "train_final.json").is_file():
-                (paths.dir / "train_final.json").write_text(json.dumps({"loss": last_loss, "step": start}))
-            ray.train.report({"step": start})
-        status = "FINISHED"
-    finally:
-        log.close(status)
-
-
-def _report_checkpoint(metrics: dict, step: int, rank: int, world: int, model, ema, optimizer, cfg) -> None:
-    """Every rank reports (a barrier); rank 0 attaches model, EMA, optimizer, step and all ranks' RNG."""
-    import ray.train
-
-    from sftok_platform.train import checkpointing as ckpt
-    rng = ckpt.capture_rng()
-    if world > 1 and torch.distributed.is_initialized():
-        rng_all = [None] * world
-        torch.distributed.all_gather_object(rng_all, rng)
-    else:
-        rng_all = [rng]
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    state = {"step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-             "optimizer": optimizer.state_dict(), "rng": rng_all, "config": cfg.to_yaml()}
-    with tempfile.TemporaryDirectory(prefix="sftok-gen-ckpt-") as d:
-        ckpt.save_state(d, state)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"step_{step:07d}")
-
-
-# ######################################################################################################
-# 3. Sample + decode + Inception (Ray Data over class chunks)
-# ######################################################################################################
 
 def _decode(tokenizer, tokens: torch.Tensor, cfg: Config, teacher) -> torch.Tensor:
     steps = max(cfg.eval.steps) if cfg.eval.steps else 8
@@ -660,6 +483,6 @@ def fid_low_rank(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray
     return float(diff @ diff + sigma_trace + np.trace(sigma_ref) - 2.0 * tr_covmean)
 
 
-__all__ = ["run_stage4", "check_config", "tokenize_train_split", "train_generator", "generator_train_loop",
+__all__ = ["run_stage4", "check_config", "tokenize_train_split", "train_generator",
            "sample_and_measure", "reference_stats", "load_reference_stats", "fid_against", "fid_low_rank",
            "save_sample_grid", "VAL_LABEL"]

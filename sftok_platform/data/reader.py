@@ -131,3 +131,43 @@ def iter_train_batches(shard, batch_size: int, *, epoch: int, seed: int = 0, shu
         if batch["image"].dtype == torch.uint8:
             batch["image"] = batch["image"].float().div_(255.0)
         yield batch
+
+
+def image_batches(shard, micro_batch: int, seed: int, device, first_epoch: int = 0) -> Iterator[Any]:
+    """Endless micro-batches of images (stages 0-3) from a Ray Data shard, one reshuffled pass per epoch.
+
+    ``iter_torch_batches`` is one-shot, so it is called again each epoch (PLATFORM.md 1.1). ``drop_last``
+    keeps every rank on the same number of batches (uneven batches deadlock the all-reduce, P9). A resumed
+    stage starts at a different ``first_epoch`` so its local shuffle differs from the first attempt's.
+    """
+    epoch = first_epoch
+    while True:
+        n = 0
+        for batch in iter_train_batches(shard, micro_batch, epoch=epoch, seed=seed, device=device,
+                                        shuffle_buffer=max(4 * micro_batch, 64)):
+            n += 1
+            yield batch["image"]
+        if n == 0:
+            raise RuntimeError(f"the train split of this worker has fewer than {micro_batch} images (one "
+                               "micro-batch); use more data, fewer workers or a smaller global batch.")
+        epoch += 1
+
+
+def token_batches(shard, micro_batch: int, seed: int, device, first_epoch: int = 0) -> Iterator[dict]:
+    """Endless micro-batches of token rows (stage 4: ``tokens``, ``tokens_flip``, ``label``), one reshuffled
+    pass per epoch, like :func:`image_batches`."""
+    import torch
+    epoch = first_epoch
+    dtypes = {"tokens": torch.int64, "tokens_flip": torch.int64, "label": torch.int64}
+    while True:
+        n = 0
+        local_seed = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+        for batch in shard.iter_torch_batches(batch_size=micro_batch, dtypes=dtypes, device=device, drop_last=True,
+                                              local_shuffle_buffer_size=max(4 * micro_batch, 64),
+                                              local_shuffle_seed=local_seed):
+            n += 1
+            yield batch
+        if n == 0:
+            raise RuntimeError(f"this worker's token shard has fewer than {micro_batch} rows (one micro-batch); "
+                               "use more data, fewer workers or a smaller generator.global_batch_size.")
+        epoch += 1

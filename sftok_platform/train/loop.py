@@ -29,17 +29,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from sftok_platform.config import Config, load_config
 from sftok.ema import EMA
-from sftok.optim import build_optimizer, lr_at, set_lr
+from sftok.optim import lr_at, set_lr
 from sftok_platform.tracking import StageLogger
 from sftok_platform.train import checkpointing as ckpt
-from sftok_platform.train.stages import TrainingTask, build_stage
+from sftok_platform.train.stages import TrainingTask, build_stage, stage_optim_config
 
 
 def config_from_dict(d: dict) -> Config:
@@ -72,28 +72,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("train.precision=fp16 needs a GPU (GradScaler); use fp32 or bf16 on CPU.")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def image_batches(shard, micro_batch: int, seed: int, device: torch.device,
-                  first_epoch: int = 0) -> Iterator[torch.Tensor]:
-    """Endless micro-batches of images from a Ray Data shard, one reshuffled pass per epoch.
-
-    ``iter_torch_batches`` is one-shot, so it is called again each epoch (PLATFORM.md 1.1). ``drop_last``
-    keeps every rank on the same number of batches (uneven batches deadlock the all-reduce, P9). A resumed
-    stage starts at a different ``first_epoch`` so its local shuffle differs from the first attempt's.
-    """
-    from sftok_platform.data import iter_train_batches
-    epoch = first_epoch
-    while True:
-        n = 0
-        for batch in iter_train_batches(shard, micro_batch, epoch=epoch, seed=seed, device=device,
-                                        shuffle_buffer=max(4 * micro_batch, 64)):
-            n += 1
-            yield batch["image"]
-        if n == 0:
-            raise RuntimeError(f"the train split of this worker has fewer than {micro_batch} images (one "
-                               "micro-batch); use more data, fewer workers or a smaller global batch.")
-        epoch += 1
 
 
 def dist_ready() -> bool:
@@ -239,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = config_from_dict(config["cfg"])
     stage = config["stage"]
-    st = getattr(cfg, stage)
+    st = stage_optim_config(cfg, stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -261,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
     maybe_compile(task.model, cfg)
     seed_everything(cfg.train.seed + 1000 * rank)   # then per-rank streams (masks, augmentation)
     model = task.model
-    optimizer = build_optimizer(model, st)
+    optimizer = task.build_optimizer(st)
     ema = EMA(model, cfg.train.ema_decay)
     amp_dtype = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -306,12 +284,12 @@ def train_loop_per_worker(config: dict) -> None:
                      world_size=world, micro_batch=micro, optimizer_fingerprint=resumed_fp)
         what = f"resuming at step {start_step}" if checkpoint is not None else "starting"
         say(f"[{stage}] {what}: {total} steps, global batch {st.global_batch_size} = {world} workers x "
-              f"{accum} accum x {micro} images, device {device.type}, precision "
+              f"{accum} accum x {micro} {task.rows_name}, device {device.type}, precision "
               f"{'fp32' if amp_dtype is None else str(amp_dtype).split('.')[-1]}")
         log.tags({"ray.storage_path": config.get("ray_storage", ""), "sftok.world_size": world})
 
-    batches = image_batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
-                            device, first_epoch=start_step)
+    batches = task.batches(ray.train.get_dataset_shard("train"), micro, cfg.data.shuffle_seed + 7919 * rank,
+                           device, first_epoch=start_step)
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     debug = config.get("debug")
@@ -327,15 +305,15 @@ def train_loop_per_worker(config: dict) -> None:
             lr = lr_at(step, st)
             set_lr(optimizer, lr)
             step_module.train()
-            images = None
+            batch = None
             step_sums: dict[str, float] = {}
             for i in range(accum):
-                images = next(batches)
+                batch = next(batches)
                 sync = (step_module.no_sync() if (i < accum - 1 and hasattr(step_module, "no_sync"))
                         else contextlib.nullcontext())
                 with sync:
                     with autocast:
-                        loss, metrics = step_module(images, step)
+                        loss, metrics = step_module(batch, step)
                     scaler.scale(loss / accum).backward()
                 for k, v in metrics.items():
                     step_sums[k] = step_sums.get(k, 0.0) + float(v) / accum
@@ -354,7 +332,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ema.update(model)
                 aux_metrics = task.after_step(step, ema)
                 if aux_module is not None:
-                    aux_metrics.update(task.aux_step(aux_module, images, step))
+                    aux_metrics.update(task.aux_step(aux_module, batch, step))
                 for k, v in {**step_sums, **aux_metrics, "grad_norm": float(grad_norm)}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n_sum += 1
@@ -368,8 +346,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if bad_in_a_row > cfg.train.max_nonfinite_steps:
                     message = (f"{stage} diverged: loss/gradient non-finite for {bad_in_a_row} steps in a row "
                                f"(up to step {done}; {nonfinite_total} skipped in all). The last checkpoint "
-                               f"holds the last finite weights. Lower {stage}.lr (now {st.lr:g}), raise "
-                               f"{stage}.warmup_steps or tighten train.grad_clip, then rerun.")
+                               f"holds the last finite weights. Lower {task.section}.lr (now {st.lr:g}), raise "
+                               f"{task.section}.warmup_steps or tighten train.grad_clip, then rerun.")
                     if rank == 0:
                         ckpt.journal(paths, event="diverged", step=done, config=config_fingerprint(cfg),
                                      message=message, t=round(time.time(), 3))
@@ -386,28 +364,31 @@ def train_loop_per_worker(config: dict) -> None:
             if log_now:
                 metrics = all_reduce_mean({k: v / max(n_sum, 1) for k, v in sums.items()}, device)
                 metrics["nonfinite_steps"] = float(nonfinite_total)       # identical on every rank
-                counts = torch.zeros(task.codebook_size, dtype=torch.float64, device=device)
-                with torch.no_grad():
-                    counts += torch.bincount(task.codes(images).flatten(), minlength=task.codebook_size)
-                metrics.update(codebook_stats(all_reduce_sum_(counts)))
+                if task.codebook_size:
+                    counts = torch.zeros(task.codebook_size, dtype=torch.float64, device=device)
+                    with torch.no_grad():
+                        counts += torch.bincount(task.codes(batch).flatten(), minlength=task.codebook_size)
+                    metrics.update(codebook_stats(all_reduce_sum_(counts)))
                 elapsed = time.perf_counter() - t_window
                 ips = steps_window * st.global_batch_size / max(elapsed, 1e-9)
-                metrics.update(lr=lr, images_per_s=ips, epoch_step=done,
+                metrics.update(lr=lr, **{f"{task.rows_name}_per_s": ips}, epoch_step=done,
                                memory_mb=all_reduce_max(memory_mb(device), device))
                 eta = (total - done) * elapsed / max(steps_window, 1)
                 if rank == 0:
                     log.metrics(metrics, step=done)
-                    say(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f} "
-                        f"lr {lr:.2e} grad {metrics.get('grad_norm', float('nan')):.2f} usage {metrics['codebook_usage']:.2f} "
-                        f"{ips:.1f} img/s ETA {fmt_eta(eta)}")
+                    usage = f" usage {metrics['codebook_usage']:.2f}" if "codebook_usage" in metrics else ""
+                    acc = f" acc {metrics['masked_accuracy']:.3f}" if "masked_accuracy" in metrics else ""
+                    say(f"[{stage}] step {done}/{total} loss {metrics.get('loss', float('nan')):.4f}{acc} "
+                        f"lr {lr:.2e} grad {metrics.get('grad_norm', float('nan')):.2f}{usage} "
+                        f"{ips:.1f} {task.rows_name}/s ETA {fmt_eta(eta)}")
                 report = {"step": done, **{k: float(v) for k, v in metrics.items()}}
                 sums, n_sum = {}, 0
                 t_window, steps_window = time.perf_counter(), 0
             every = cfg.train.image_every
             if rank == 0 and every and done % every == 0 and not last:
-                _log_progress_grid(task, log, stage, images, done)
+                _log_progress_grid(task, log, stage, batch, done)
             if last:
-                report.update(_finish_stage(task, ema, cfg, stage, paths, log, rank, device,
+                report.update(_finish_stage(task, ema, cfg, st, stage, paths, log, rank, device,
                                             time.perf_counter() - t_start, done - start_step))
             if ckpt_now:
                 _report_with_checkpoint(report, done, rank, world, model, ema, optimizer, scaler, task, cfg)
@@ -415,7 +396,7 @@ def train_loop_per_worker(config: dict) -> None:
                 ray.train.report(report)
             maybe_fail(debug, done, rank)
         if start_step >= total:          # restarted after the last checkpoint: only (re)write the export
-            report = _finish_stage(task, ema, cfg, stage, paths, log, rank, device, 0.0, 0)
+            report = _finish_stage(task, ema, cfg, st, stage, paths, log, rank, device, 0.0, 0)
             ray.train.report(report)
         status = "FINISHED"
     finally:
@@ -459,16 +440,18 @@ def _report_with_checkpoint(metrics: dict, step: int, rank: int, world: int, mod
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
 
 
-def _log_progress_grid(task: TrainingTask, log: StageLogger, stage: str, images: torch.Tensor, step: int) -> None:
+def _log_progress_grid(task: TrainingTask, log: StageLogger, stage: str, images, step: int) -> None:
     """Rank 0, every ``train.image_every`` steps: originals vs reconstructions of the online model (the EMA
     grid is logged at the end of the stage), as MLflow images under the same key with the step."""
+    if not task.uses_val_split:          # a task without images (stage 4) has no grids
+        return
     task.model.eval()
     with torch.no_grad():
         rows, labels = task.grid_rows(task.model, images[:4].float())
     log.image_grid(rows, labels, f"{stage}_recon", step=step)
 
 
-def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, stage: str, paths: ckpt.StagePaths,
+def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, st, stage: str, paths: ckpt.StagePaths,
                   log: StageLogger, rank: int, device: torch.device, seconds: float, steps: int) -> dict:
     """Rank 0: export the EMA weights, log image grids and compute the validation metrics.
 
@@ -489,13 +472,14 @@ def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, stage: str, paths: 
                             "no export written. Lower the stage's lr and rerun.")
     task.export(ema_model, paths.export)
     out: dict = {}
-    val = ray.train.get_dataset_shard("val")
     limit = cfg.eval.stage_val_images     # a quick check; the full evaluation is sftok_platform.evaluate
     sums: dict[str, float] = {}
     n_img = 0
     first = None
+    val_batches = (ray.train.get_dataset_shard("val").iter_torch_batches(
+        batch_size=min(cfg.eval.batch_size, limit), device=device) if task.uses_val_split else [])
     with torch.no_grad():
-        for batch in val.iter_torch_batches(batch_size=min(cfg.eval.batch_size, limit), device=device):
+        for batch in val_batches:
             images = batch["image"].float()
             if first is None:
                 first = images[:4]
@@ -510,19 +494,16 @@ def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, stage: str, paths: 
             paths.images.mkdir(parents=True, exist_ok=True)
             from sftok_platform.tracking import save_image_grid
             save_image_grid(rows, labels, paths.images / f"{stage}_final.png")
-            log.image_grid(rows, labels, f"{stage}_recon", step=cfg_steps(cfg, stage))
+            log.image_grid(rows, labels, f"{stage}_recon", step=st.steps)
     if seconds > 0 and steps > 0:
-        out["stage_images_per_s"] = steps * getattr(cfg, stage).global_batch_size / seconds
-    out["val_images"] = float(n_img)
-    log.metrics(out, step=cfg_steps(cfg, stage))
+        out[f"stage_{task.rows_name}_per_s"] = steps * st.global_batch_size / seconds
+    if task.uses_val_split:
+        out["val_images"] = float(n_img)
+    log.metrics(out, step=st.steps)
     log.artifact(paths.export, artifact_path="export")
     (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))
     say(f"[{stage}] done: " + ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out
 
 
-def cfg_steps(cfg: Config, stage: str) -> int:
-    return int(getattr(cfg, stage).steps)
-
-
-__all__ = ["train_loop_per_worker", "StageDiverged", "step_is_finite", "config_from_dict", "autocast_dtype", "image_batches", "codebook_stats"]
+__all__ = ["train_loop_per_worker", "StageDiverged", "step_is_finite", "config_from_dict", "autocast_dtype", "codebook_stats"]

@@ -158,6 +158,46 @@ def _raise_if_diverged(paths: ckpt.StagePaths, cfg: Config, error: BaseException
         raise StageDiverged(message) from error
 
 
+def build_trainer(cfg: Config, stage: str, *, run_id: Optional[str], inputs: dict, datasets: dict,
+                  callbacks: Optional[list] = None, debug: Optional[dict] = None):
+    """The one ``TorchTrainer`` of every stage (0-4): :func:`sftok_platform.train.loop.train_loop_per_worker`
+    on ``train.workers`` workers, named ``<run.name>-<stage>`` under the run's Ray storage (the same name
+    resumes from its last checkpoint), with the configured failure, checkpoint and placement policies.
+
+    ``datasets``: Ray Datasets by name; ``train`` is split across the workers, the rest (``val``) is not.
+    ``inputs``: what the stage's task loads (``sftok_platform.train.stages.TASKS``).
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from sftok_platform.train.loop import train_loop_per_worker
+    t = cfg.train
+    rdir = run_dir(cfg)
+    storage = ckpt.storage_path(rdir)
+    name = ckpt.ray_run_name(cfg.run.name, stage)
+    loop_config = {
+        "cfg": cfg.to_dict(), "stage": stage, "run_dir": str(rdir), "inputs": inputs,
+        "tracking": {"uri": tracking.tracking_uri(cfg), "run_id": run_id, "system_metrics": cfg.tracking.system_metrics},
+        "ray_storage": str(storage / name), "debug": debug,
+        "launched_at": time.time(),      # attempts after this count towards train.max_restarts_without_progress
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=t.workers, use_gpu=t.gpu, placement_strategy=t.placement_strategy,
+            resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
+            callbacks=callbacks or None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING")),   # our own progress lines only
+        datasets=datasets,
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
 def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[str] = None,
               callbacks: Optional[list] = None, inputs: Optional[dict] = None, debug: Optional[dict] = None,
               force: bool = False) -> StageResult:
@@ -181,12 +221,8 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
         :class:`StageResult`; ``metrics`` holds ``val_loss`` (lower is better for every stage) and the
         stage's other ``val_*`` figures.
     """
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     from sftok_platform.cluster import check_resources, connect, resolve_tracking_uri
     from sftok_platform.data import read_split
-    from sftok_platform.train.loop import train_loop_per_worker
 
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
@@ -210,32 +246,11 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
         cfg.save(rdir / "config.yaml")
 
     run_id = tracking.start_child_run(cfg, stage, parent_run_id)
-    t = cfg.train
-    storage = ckpt.storage_path(rdir)
-    name = ckpt.ray_run_name(cfg.run.name, stage)
-    per_worker = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.gpu else {})}
-    loop_config = {
-        "cfg": cfg.to_dict(), "stage": stage, "run_dir": str(rdir), "inputs": inputs,
-        "tracking": {"uri": tracking.tracking_uri(cfg), "run_id": run_id, "system_metrics": cfg.tracking.system_metrics},
-        "ray_storage": str(storage / name), "debug": debug,
-        "launched_at": time.time(),      # attempts after this count towards train.max_restarts_without_progress
-    }
     image_size = cfg.model.image_size
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpu, resources_per_worker=per_worker,
-                                               placement_strategy=t.placement_strategy),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.num_to_keep),
-            callbacks=callbacks or None,
-            logging_config=ray.train.LoggingConfig(log_level="WARNING")),   # our own progress lines only
+    trainer = build_trainer(
+        cfg, stage, run_id=run_id, inputs=inputs, callbacks=callbacks, debug=debug,
         datasets={"train": read_split(shards, "train", train=True, image_size=image_size, seed=cfg.data.shuffle_seed),
-                  "val": read_split(shards, "val", train=False, image_size=image_size)},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
+                  "val": read_split(shards, "val", train=False, image_size=image_size)})
     t0 = time.time()
     with tracking.run_closed_by(cfg, run_id, finish=False):      # FINISHED below, once the export is tagged
         try:

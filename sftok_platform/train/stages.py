@@ -8,6 +8,8 @@ stage1     encoder, latent tokens, OptVQ, decoder      scratch                  
 stage2     same (SFVR)                                 stage-1 EMA (SPEC I.2)      stage2_loss
 stage3     decoder + pixel head (encoder frozen), D    stage-2 EMA + teacher as    Stage3Loss (+ D step)
                                                        pixel head
+stage4     the MaskGIT generator over the 64 tokens     scratch (tokens of the      generator.training_loss
+                                                       final tokenizer)
 =========  ==========================================  ==========================  =========================
 
 Stage 0 exists for data sets the official teacher was not trained on (or offline clusters without it);
@@ -33,12 +35,15 @@ from sftok.ema import EMA, unwrap_model
 from sftok.maskgit_vqgan import MaskGITVQGAN, init_scaled_
 from sftok.model import SFTok
 from sftok.objectives import Stage3Loss, stage0_loss, stage_loss
-from sftok.optim import discriminator_lr_at, set_lr
+from sftok.generator import MaskGITGenerator, save_generator, training_loss
+from sftok.optim import build_optimizer, discriminator_lr_at, set_lr
 from sftok.weights import read_state_dict
+from sftok.config import StageConfig
 from sftok_platform.config import Config
+from sftok_platform.data.reader import image_batches, token_batches
 from sftok_platform.train import checkpointing as ckpt
 
-STAGES = ("stage0", "stage1", "stage2", "stage3")
+STAGES = ("stage0", "stage1", "stage2", "stage3")       # the tokenizer stages; stage 4 is sftok_platform.generator_stage
 
 
 class _LossModule(nn.Module):
@@ -63,9 +68,12 @@ class TrainingTask:
     stage's export).
     """
     model: nn.Module                                 # trained; its EMA is the stage's export
-    codebook_size: int                               # of the codes ``codes`` returns (usage statistics)
+    codebook_size: int                               # of the codes ``codes`` returns (usage statistics; 0: none)
     aux_module: Optional[nn.Module] = None           # trained beside the model (stage 3: the discriminator)
     aux_optimizer: Optional[torch.optim.Optimizer] = None
+    section: str = ""                                # config section of its knobs (messages); default: the stage
+    rows_name = "images"                             # what one row of its data is (progress lines, throughput)
+    uses_val_split = True                            # end-of-stage check and image grids on the val images
 
     def loss(self, model: nn.Module, images: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
         """The training objective on ``model`` (the DDP-wrapped module's inner model): (loss, metrics)."""
@@ -104,6 +112,14 @@ class TrainingTask:
         pass
 
     # ----------------------------------------------------------------------------------- for the loop
+    def build_optimizer(self, stage_cfg) -> torch.optim.Optimizer:
+        """AdamW with the official no-decay groups over the trainable parameters."""
+        return build_optimizer(self.model, stage_cfg)
+
+    def batches(self, shard, micro_batch: int, seed: int, device, first_epoch: int = 0):
+        """Endless micro-batches of this worker's ``train`` shard, as ``loss`` takes them."""
+        return image_batches(shard, micro_batch, seed, device, first_epoch)
+
     def step_module(self) -> nn.Module:
         """The module DDP wraps: ``forward(images, step) -> (loss, metrics)``."""
         return _LossModule(self)
@@ -342,20 +358,69 @@ class PixelTask(TrainingTask):
             self.aux_optimizer.load_state_dict(state["d_optimizer"])
 
 
+class GeneratorTask(TrainingTask):
+    """Stage 4: the class-conditional MaskGIT generator on precomputed tokens (SPEC D). Its data are token
+    rows (``tokens``, ``tokens_flip``, ``label``; sftok_platform.generator_stage writes them), its knobs the
+    ``generator`` section; there are no images to validate on (gFID is measured after training).
+
+    ``inputs``: ``codebook_size`` and ``seq_len`` of the tokenizer whose tokens it models.
+    """
+    section = "generator"
+    rows_name = "sequences"
+    uses_val_split = False
+
+    def __init__(self, cfg: Config, inputs: dict, device):
+        self.model = MaskGITGenerator(cfg.generator, codebook_size=int(inputs["codebook_size"]),
+                                      seq_len=int(inputs["seq_len"])).to(device)
+        self.codebook_size = 0                        # no codebook of its own to report usage of
+
+    def batches(self, shard, micro_batch, seed, device, first_epoch=0):
+        return token_batches(shard, micro_batch, seed, device, first_epoch)
+
+    def loss(self, model, batch, step):
+        tokens = batch["tokens"]
+        flip = (torch.rand(tokens.shape[0]) < 0.5).to(tokens.device)[:, None]   # the official random flip
+        return training_loss(model, torch.where(flip, batch["tokens_flip"], tokens), batch["label"])
+
+    def validate(self, model, images):
+        return {}
+
+    def grid_rows(self, model, images):
+        return [], []
+
+    def export(self, model, directory):
+        save_generator(model, directory)
+
+
+def stage_optim_config(cfg: Config, stage: str) -> StageConfig:
+    """The optimisation knobs of ``stage`` (steps, batch, LR schedule, AdamW): ``cfg.<stage>`` for the
+    tokenizer stages, a :class:`StageConfig` view of the ``generator`` section for stage 4."""
+    if stage != "stage4":
+        return getattr(cfg, stage)
+    g = cfg.generator
+    return StageConfig(steps=g.steps, global_batch_size=g.global_batch_size, grad_accum=1, lr=g.lr,
+                       end_lr=g.end_lr, warmup_steps=g.warmup_steps, beta1=g.beta1, beta2=g.beta2,
+                       weight_decay=g.weight_decay)
+
+
 # stage name -> task constructor (cfg, inputs, device)
 TASKS = {
     "stage0": TeacherTask,
     "stage1": lambda cfg, inputs, device: TokenTask("stage1", cfg, inputs, device),
     "stage2": lambda cfg, inputs, device: TokenTask("stage2", cfg, inputs, device),
     "stage3": PixelTask,
+    "stage4": GeneratorTask,
 }
 
 
 def build_stage(stage: str, cfg: Config, inputs: dict, device) -> TrainingTask:
     """The :class:`TrainingTask` of ``stage`` with every model on ``device``."""
     if stage not in TASKS:
-        raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(STAGES)}.")
-    return TASKS[stage](cfg, inputs, device)
+        raise ValueError(f"unknown stage {stage!r}; use one of {', '.join(TASKS)}.")
+    task = TASKS[stage](cfg, inputs, device)
+    task.section = task.section or stage
+    return task
 
 
-__all__ = ["STAGES", "TASKS", "TrainingTask", "TeacherTask", "TokenTask", "PixelTask", "build_stage"]
+__all__ = ["STAGES", "TASKS", "TrainingTask", "TeacherTask", "TokenTask", "PixelTask", "GeneratorTask",
+           "build_stage", "stage_optim_config"]
