@@ -39,6 +39,13 @@ Other flags: ``--config FILE`` (a YAML preset or a saved config.yaml), ``--stage
 ``--with-generator`` (stage 4, the class-conditional generator), and dotted overrides as positional
 arguments or ``--set`` (``stage2.replace_prob=0.5 train.checkpoint_every=500``).
 
+The final tokenizer is registered as an MLflow pyfunc model, a new version of ``sftok-<preset>`` per run
+with the evaluation figures as version tags; ``--promote`` also moves the serving alias
+(``tracking.alias``, default ``current``) to it. Use it without this project's loading code::
+
+    mlflow.pyfunc.load_model("models:/sftok-tiny@current").predict(pd.DataFrame({"image": [png_bytes]}))
+    mlflow models serve -m models:/sftok-tiny@current --env-manager local -p 5001
+
 MLflow UI (the exact command is printed at the end of a run)::
 
     mlflow ui --backend-store-uri sqlite:////abs/path/runs/mlflow.db --default-artifact-root /abs/path/runs/mlartifacts
@@ -67,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="run name; the same name resumes, a new one starts afresh")
     p.add_argument("--stages", default=None, help="comma-separated subset of stage0,stage1,stage2,stage3")
     p.add_argument("--with-generator", action="store_true", help="also train the generator (stage 4)")
+    p.add_argument("--promote", action="store_true",
+                   help="move the serving alias (tracking.alias, default 'current') to this run's registered version")
     return p
 
 

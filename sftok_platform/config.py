@@ -97,8 +97,9 @@ class TrackingConfig:
     """MLflow, owned by the project (not Ray's logger callback)."""
     uri: str = ""                       # empty = sqlite:///<run root>/mlflow.db
     experiment: str = "sftok"
-    registered_model: str = "sftok"
+    registered_model: str = ""            # empty = one registered model per preset: sftok-<preset>
     alias: str = "current"               # MLflow reserves "latest" and "v<N>" as alias names
+    promote: bool = False               # move the alias to this run's version (full_pipeline.py --promote)
     system_metrics: bool = True
 
 

@@ -44,6 +44,8 @@ def config_from_args(args: argparse.Namespace, *, label: str = "pipeline") -> Co
             apply_override(cfg, key, value.split(",") if key == "run.stages" else value)
     if getattr(args, "gpu", None):
         cfg.train.gpu = True
+    if getattr(args, "promote", False):
+        cfg.tracking.promote = True
     if getattr(args, "with_generator", False):
         cfg.generator.enabled = True
     dotted = list(getattr(args, "set", []) or []) + list(getattr(args, "overrides", []) or [])

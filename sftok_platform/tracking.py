@@ -166,12 +166,16 @@ def end_run(cfg_or_uri: Config | str, run_id: str, status: str = "FINISHED") -> 
 def run_closed_by(cfg_or_uri: Config | str, run_id: str, *, finish: bool = True):
     """The MLflow run's end status follows the ``with`` block: FINISHED when it completes (unless
     ``finish=False``: the block ends the run itself), KILLED when it is interrupted (Ctrl-C, SystemExit),
-    FAILED on any other exception, which then propagates unchanged. Every driver-side run (pipeline,
-    stage, stage 4, sweep, trial) is closed this way, so none is left RUNNING after a crash."""
+    FAILED on any other exception, which then propagates unchanged, and whose type and message become the
+    run's ``sftok.error`` tag. Every driver-side run (pipeline, stage, stage 4, sweep, trial) is closed this
+    way, so none is left RUNNING after a crash."""
     try:
         yield
     except BaseException as e:
-        end_run(cfg_or_uri, run_id, "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED")
+        killed = isinstance(e, (KeyboardInterrupt, SystemExit))
+        if not killed:
+            client(cfg_or_uri).set_tag(run_id, "sftok.error", f"{type(e).__name__}: {e}"[:5000])
+        end_run(cfg_or_uri, run_id, "KILLED" if killed else "FAILED")
         raise
     if finish:
         end_run(cfg_or_uri, run_id, "FINISHED")
@@ -195,29 +199,47 @@ def log_summary_metrics(cfg_or_uri: Config | str, run_id: str, metrics: Mapping[
         client(cfg_or_uri).log_batch(run_id, metrics=items[i:i + 500])
 
 
-def register_model(cfg: Config, run_id: str, export_dir: str | os.PathLike, *,
-                   tags: Optional[Mapping[str, str]] = None) -> tuple[str, str]:
-    """Log ``export_dir`` (state dict + config) as the run's ``model`` artifacts and register it.
+def registered_model_name(cfg: Config) -> str:
+    """``tracking.registered_model``, or one registered model per preset (``sftok-tiny``, ``sftok-b64``)."""
+    return cfg.tracking.registered_model or f"sftok-{Path(str(cfg.preset)).stem}"
 
-    The tokenizer is logged as plain files (``model.safetensors`` + ``config.json``, rebuilt with
-    ``sftok.load_model``) rather than ``mlflow.pytorch.log_model``: its default torch.export format keeps only
-    ``forward`` and would lose ``encode``/``decode_tokens`` (PLATFORM.md section 2). Returns
-    ``(version, model_uri)`` with ``model_uri = models:/<name>@<alias>``.
+
+def register_model(cfg: Config, run_id: str, export_dir: str | os.PathLike, *,
+                   tags: Optional[Mapping[str, str]] = None, teacher_dir: Optional[str | os.PathLike] = None,
+                   promote: Optional[bool] = None) -> tuple[str, str]:
+    """Log ``export_dir`` as the run's ``model``, an MLflow pyfunc model (:mod:`sftok_platform.serving`:
+    ``mlflow.pyfunc.load_model`` / ``mlflow models serve`` tokenize and reconstruct images), and register it
+    as a new version of :func:`registered_model_name` with ``tags`` (e.g. the evaluation figures).
+
+    The serving alias ``tracking.alias`` moves to the new version only when it is promoted (``promote``,
+    default ``tracking.promote``; ``full_pipeline.py --promote``), so a smoke run never replaces the model
+    users serve. Returns ``(version, model_uri)``: ``models:/<name>@<alias>`` when promoted, else
+    ``models:/<name>/<version>``.
     """
+    import tempfile
+
+    from sftok_platform.serving import save_pyfunc
     alias = cfg.tracking.alias
     check_alias(alias)
+    promote = cfg.tracking.promote if promote is None else promote
     c = client(cfg)
-    c.log_artifacts(run_id, str(export_dir), artifact_path="model")
+    with tempfile.TemporaryDirectory(prefix="sftok-pyfunc-") as d:
+        save_pyfunc(export_dir, Path(d) / "model", teacher_dir=teacher_dir)
+        c.log_artifacts(run_id, str(Path(d) / "model"), artifact_path="model")
     source = f"{c.get_run(run_id).info.artifact_uri.rstrip('/')}/model"
-    name = cfg.tracking.registered_model
+    name = registered_model_name(cfg)
     try:
         c.get_registered_model(name)
     except Exception:
-        c.create_registered_model(name, description="SFTok image tokenizers trained by sftok_platform "
-                                  "(load with sftok.load_model on the downloaded artifacts).")
-    mv = c.create_model_version(name, source=source, run_id=run_id, tags=dict(tags or {}))
-    c.set_registered_model_alias(name, alias, mv.version)
-    return str(mv.version), f"models:/{name}@{alias}"
+        c.create_registered_model(name, description="SFTok image tokenizers trained by sftok_platform: an MLflow "
+                                  "pyfunc (input: a column 'image' of PNG/JPEG bytes; output: 'tokens', or with "
+                                  "params task=reconstruct the reconstructed 'image').")
+    mv = c.create_model_version(name, source=source, run_id=run_id,
+                                tags={k: str(v) for k, v in (tags or {}).items()})
+    if promote:
+        c.set_registered_model_alias(name, alias, mv.version)
+        return str(mv.version), f"models:/{name}@{alias}"
+    return str(mv.version), f"models:/{name}/{mv.version}"
 
 
 def check_alias(alias: str) -> None:

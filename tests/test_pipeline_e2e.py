@@ -34,7 +34,7 @@ def test_full_pipeline_two_workers(tmp_path, ray_local):
         *[f"stage{i}.steps={steps}" for i in range(4)], *[f"stage{i}.global_batch_size=4" for i in range(4)],
         *[f"stage{i}.warmup_steps=1" for i in range(4)], "losses.discriminator_start=1", "losses.discriminator_weight=0.5", "losses.perceptual_weight=1.0",
         "train.checkpoint_every=2", "train.log_every=1", "eval.max_images=8", "eval.batch_size=4",
-        "eval.steps=[1,2]", "tracking.system_metrics=false", "train.image_every=2"])
+        "eval.steps=[1,2]", "tracking.system_metrics=false", "train.image_every=2", "tracking.promote=true"])
     lines: list[str] = []
     result = run_pipeline(cfg, echo=lines.append)
 
@@ -64,15 +64,24 @@ def test_full_pipeline_two_workers(tmp_path, ray_local):
     stage3 = state   # the last loop iteration: stage 3 keeps the discriminator and its optimizer
     assert set(stage3["aux"]) == {"loss", "d_optimizer"} and "discriminator" in stage3["aux"]["loss"]
 
-    # the final model is registered under the alias and loads back as a stage-3 tokenizer
+    # the final model is registered (promoted: under the alias) as a pyfunc holding the stage-3 tokenizer,
+    # with the evaluation figures as version tags
     import mlflow
     import sftok
-    mv = c.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+    name = tracking.registered_model_name(cfg)
+    mv = c.get_model_version_by_alias(name, cfg.tracking.alias)
     assert str(mv.version) == result.model_version and mv.run_id == result.parent_run_id
+    assert result.model_uri == f"models:/{name}@{cfg.tracking.alias}"
+    assert float(mv.tags["eval.psnr"]) == pytest.approx(result.eval_metrics["psnr"], rel=1e-4)
     local = mlflow.artifacts.download_artifacts(artifact_uri=mv.source, tracking_uri=tracking.tracking_uri(cfg),
                                                 dst_path=str(tmp_path / "dl"))
-    model = sftok.load_model(local)
+    model = sftok.load_model(Path(local) / "artifacts" / "tokenizer")
     assert model.cfg.pixel_head and model.cfg.image_size == 64
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    import pandas as pd
+    from sftok_platform.serving import example_image
+    out = mlflow.pyfunc.load_model(result.model_uri).predict(pd.DataFrame({"image": [example_image(64)]}))
+    assert len(out["tokens"][0]) == 64
     parent = c.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED" and "config.yaml" in {a.path for a in c.list_artifacts(parent.info.run_id)}
     assert (rdir / "config.yaml").is_file()

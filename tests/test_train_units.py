@@ -111,15 +111,70 @@ def test_parent_child_runs_resume_by_tags_and_register(tmp_path):
     run = c.get_run(child)
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.params["stage1.lr"] == str(cfg.stage1.lr) and "stage2.lr" not in run.data.params
-    export = tmp_path / "export"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    version, uri = tracking.register_model(cfg, parent, export, tags={"stage": "stage3"})
-    mv = c.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
-    assert str(mv.version) == version and mv.run_id == parent and uri.endswith("@current")
-    assert (Path(mv.source) / "config.json").is_file()
     with pytest.raises(ConfigError, match="reserved"):
         tracking.check_alias("latest")
+
+
+def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp_path):
+    """The registered tokenizer is an MLflow pyfunc (tokens and reconstructions from image bytes, without
+    this project's loading code); one registered model per preset; a version per run with its figures as
+    tags; the serving alias moves only on promotion."""
+    import io
+
+    import mlflow
+    import pandas as pd
+    from PIL import Image
+
+    from sftok.checkpoint import save_model
+    from sftok.model import SFTok
+    from sftok_platform.serving import example_image
+    cfg = tiny(tmp_path, "tracking.system_metrics=false")
+    torch.manual_seed(0)
+    model = SFTok(cfg.model).eval()
+    export = save_model(model, tmp_path / "export")
+    parent = tracking.start_parent_run(cfg)
+    c = tracking.client(cfg)
+    name = tracking.registered_model_name(cfg)
+    assert name == "sftok-tiny"
+    v1, uri1 = tracking.register_model(cfg, parent, export, tags={"stage": "stage3", "eval.psnr": "17.5"})
+    assert uri1 == f"models:/sftok-tiny/{v1}"
+    with pytest.raises(Exception):                    # not promoted: no serving alias yet
+        c.get_model_version_by_alias(name, cfg.tracking.alias)
+    v2, uri2 = tracking.register_model(cfg, parent, export, promote=True)
+    assert uri2 == "models:/sftok-tiny@current" and int(v2) == int(v1) + 1
+    mv = c.get_model_version_by_alias(name, "current")
+    assert str(mv.version) == v2 and mv.run_id == parent
+    assert c.get_model_version(name, v1).tags["eval.psnr"] == "17.5"
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
+    pyfunc = mlflow.pyfunc.load_model(uri2)
+    assert [s.name for s in pyfunc.metadata.get_input_schema().inputs] == ["image"]
+    png = example_image(96)                              # resized + centre-cropped to the model's 64 px
+    out = pyfunc.predict(pd.DataFrame({"image": [png, png]}))
+    assert list(out.columns) == ["tokens"] and len(out["tokens"][0]) == 64 and out["tokens"][0] == out["tokens"][1]
+    with torch.no_grad():
+        from sftok_platform.data.transforms import eval_transform, to_chw_float
+        direct = model.encode(torch.from_numpy(to_chw_float([eval_transform(png, 64)])))
+    assert out["tokens"][0] == direct[0].tolist(), "the pyfunc must tokenize exactly like the library"
+    rec = pyfunc.predict(pd.DataFrame({"image": [png]}), params={"task": "reconstruct", "steps": 2})
+    img = Image.open(io.BytesIO(rec["image"][0]))
+    assert img.format == "PNG" and img.size == (64, 64)
+    with pytest.raises(Exception, match="params.task"):
+        pyfunc.predict(pd.DataFrame({"image": [png]}), params={"task": "generate"})
+
+    # a stage-1/2 tokenizer (no pixel head) carries its teacher and reconstructs through it
+    import dataclasses
+
+    from sftok.maskgit_vqgan import MaskGITVQGAN
+    from sftok_platform.serving import save_pyfunc
+    tc = cfg.teacher
+    teacher = MaskGITVQGAN(tc.hidden_channels, tc.codebook_size, tc.z_channels, cfg.teacher_arch())
+    ckpt.save_teacher(teacher, tmp_path / "teacher", hidden_channels=tc.hidden_channels,
+                      codebook_size=tc.codebook_size, z_channels=tc.z_channels, arch=cfg.teacher_arch())
+    stage2 = save_model(SFTok(dataclasses.replace(cfg.model, pixel_head=False)), tmp_path / "stage2")
+    no_head = mlflow.pyfunc.load_model(str(save_pyfunc(stage2, tmp_path / "pyfunc12", teacher_dir=tmp_path / "teacher")))
+    rec = no_head.predict(pd.DataFrame({"image": [png]}), params={"task": "reconstruct", "steps": 2})
+    assert Image.open(io.BytesIO(rec["image"][0])).size == (64, 64)
 
 
 def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
@@ -138,6 +193,8 @@ def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
         tracking.end_run(cfg, ids[3], "KILLED")
     c = tracking.client(cfg)
     assert [c.get_run(i).info.status for i in ids] == ["FINISHED", "FAILED", "KILLED", "KILLED"]
+    assert c.get_run(ids[1]).data.tags["sftok.error"] == "RuntimeError: boom"
+    assert "sftok.error" not in c.get_run(ids[2]).data.tags
 
 
 def test_file_store_uri_is_refused(tmp_path):

@@ -214,6 +214,14 @@ def load_teacher_export(path: str | os.PathLike, cfg, device: str | torch.device
     return teacher.to(device).eval().requires_grad_(False)
 
 
+def load_teacher_dir(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """A frozen teacher from a stage-0 export dir alone: its ``teacher.json`` holds the sizes and layout."""
+    from sftok.maskgit_vqgan import load_teacher
+    directory = Path(directory)
+    meta = json.loads((directory / TEACHER_CONFIG).read_text())
+    return load_teacher(directory / TEACHER_FILE, **meta).to(device).eval().requires_grad_(False)
+
+
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     import shutil
     dst = Path(dst)

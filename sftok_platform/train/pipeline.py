@@ -321,8 +321,11 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
                 eval_metrics = _evaluate(cfg, export, shards, rdir, parent, echo)
                 if eval_metrics:
                     tracking.log_summary_metrics(cfg, parent, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            version, uri = tracking.register_model(cfg, parent, export, tags={
-                "stage": final_stage, "pipeline": cfg.run.name, "preset": cfg.preset})
+            figures = {f"eval.{k}": f"{v:.6g}" for k, v in eval_metrics.items()
+                       if isinstance(v, (int, float)) and k.startswith(("psnr", "ssim", "rfid", "lpips", "baseline"))}
+            teacher_dir = stage_inputs(cfg, "stage1", rdir).get("teacher") if final_stage != "stage3" else None
+            version, uri = tracking.register_model(cfg, parent, export, teacher_dir=teacher_dir, tags={
+                "stage": final_stage, "pipeline": cfg.run.name, "preset": cfg.preset, **figures})
             c = tracking.client(cfg)
             c.set_tag(parent, "sftok.model_uri", uri)
             c.set_tag(parent, "sftok.model_version", version)
@@ -413,6 +416,11 @@ def summary_table(result: PipelineResult) -> str:
                          + ("" if gain > 1.0 else "  <- NOT LEARNED: about the mean image"))
         for k, v in sorted(headline.items()):
             lines.append(f"  {k:<20} {_fmt(v)}")
+    if result.model_uri:
+        promoted = "@" in result.model_uri
+        lines.append(f"\nRegistered: {result.model_uri} (version {result.model_version}, an MLflow pyfunc: "
+                     "mlflow.pyfunc.load_model(uri).predict(DataFrame({'image': [png_bytes]})))"
+                     + ("" if promoted else "; rerun with --promote to move the serving alias to it"))
     g = result.generator_metrics
     if g:
         lines.append(f"\nGenerator (stage 4; {g.get('gfid_label', 'gFID')}):")
