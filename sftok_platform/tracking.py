@@ -331,11 +331,13 @@ def save_image_grid(rows: Iterable, labels: Iterable[str], path: str | os.PathLi
 
 
 def _is_number(v: Any) -> bool:
-    import math
+    """A value MLflow can log as a metric. NaN and +-inf are kept on purpose: a diverged curve must show its
+    non-finite points (MLflow stores NaN as NaN and clamps inf), not silently stop."""
     try:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    except Exception:
+        float(v)
+    except (TypeError, ValueError):
         return False
+    return not isinstance(v, (bool, str))
 
 
 __all__ = ["tracking_uri", "run_root", "ensure_experiment", "curated_params", "start_parent_run",

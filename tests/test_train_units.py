@@ -197,6 +197,17 @@ def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
     assert "sftok.error" not in c.get_run(ids[2]).data.tags
 
 
+def test_non_finite_metrics_are_logged_not_dropped(tmp_path):
+    import math
+    cfg = tiny(tmp_path)
+    parent = tracking.start_parent_run(cfg)
+    tracking.log_summary_metrics(cfg, parent, {"loss": float("nan"), "grad_norm": float("inf"), "ok": 1.0,
+                                               "label": "text", "flag": True})
+    m = tracking.client(cfg).get_run(parent).data.metrics
+    assert math.isnan(m["loss"]) and m["grad_norm"] > 1e300 and m["ok"] == 1.0
+    assert "label" not in m and "flag" not in m
+
+
 def test_file_store_uri_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="file stores"):
         tracking.tracking_uri(tiny(tmp_path, "tracking.uri=file:///tmp/mlruns"))

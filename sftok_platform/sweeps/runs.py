@@ -40,9 +40,7 @@ def _numbers(metrics: Mapping[str, Any]) -> dict[str, float]:
     for k, v in metrics.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
-        v = float(v)
-        if v == v and abs(v) != float("inf"):       # MLflow refuses NaN/inf in batches on some backends
-            out[k] = v
+        out[k] = float(v)      # NaN / inf kept: a diverged trial's curve shows it (MLflow stores them)
     return out
 
 
@@ -122,7 +120,9 @@ class SweepReporter(TuneReportCallback):
         if self.objective_key:      # OptunaSearch reads its metric from every result: NaN until it exists
             m["objective"] = float(m.get(self.objective_key, float("nan"))) if self.stage == "stage2" else float("nan")
         try:
-            log_metrics(self.uri, self.run_id, {k: v for k, v in m.items() if k != "step"}, step)
+            placeholder = m.get("objective") != m.get("objective")    # Optuna's NaN before stage 2: not a value
+            log_metrics(self.uri, self.run_id,
+                        {k: v for k, v in m.items() if k != "step" and not (k == "objective" and placeholder)}, step)
         except Exception as e:          # a tracking hiccup must not kill the training run
             log.warning("could not log sweep metrics to MLflow: %s", e)
         super().after_report(run_context, [m] + list(metrics[1:]), checkpoint)
