@@ -299,12 +299,17 @@ class StageLogger:
                 self._mlflow.log_artifact(str(p), artifact_path=artifact_path)
 
     def image_grid(self, rows: Iterable, labels: Iterable[str], name: str, step: int) -> Optional[Path]:
-        """Save a PNG grid (one row per tensor batch [B,3,H,W] in [0,1]) and log it under ``images/``."""
+        """A PNG grid (one row per tensor batch [B,3,H,W] in [0,1]) as an MLflow image under key ``name`` at
+        ``step`` (``mlflow.log_image``: the UI's image step slider), plus its row labels as
+        ``images/<name>.txt``."""
         if not self.enabled:
             return None
+        from PIL import Image
+        labels = list(labels)
         with tempfile.TemporaryDirectory() as d:
-            path = save_image_grid(rows, labels, Path(d) / f"{name}_step{step:07d}.png")
-            self._mlflow.log_artifact(str(path), artifact_path="images")
+            path = save_image_grid(rows, labels, Path(d) / f"{name}.png")
+            with Image.open(path) as img:
+                self._mlflow.log_image(img.convert("RGB"), key=name, step=int(step), synchronous=True)
             self._mlflow.log_artifact(str(path.with_suffix(".txt")), artifact_path="images")
         return path
 
