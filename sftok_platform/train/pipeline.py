@@ -336,8 +336,6 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
                             tracking.tracking_uri(cfg), time.time() - t0, generator_metrics)
     echo(summary_table(result))
     echo(f"\nMLflow UI:  {tracking.ui_command(cfg)}")
-    if uri:
-        echo(f"Model:      {uri} (version {version}); load with sftok.load_model on its 'model' artifacts")
     return result
 
 
