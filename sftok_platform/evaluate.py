@@ -310,6 +310,40 @@ def _ray_batches(shards: str, split: str, evaluator_kwargs: dict, *, image_size:
         ctx.execution_options.preserve_order = old_order
 
 
+def _planned_images(shards: str, split: str, max_images: Optional[int]) -> int:
+    """How many images the evaluation will see (0 when the manifest does not say)."""
+    try:
+        from sftok_platform.data import load_manifest
+        s = load_manifest(shards)["splits"][split]
+        total = int(s.get("num_images", sum(x["rows"] for x in s["shards"])))
+    except Exception:          # noqa: BLE001 - progress only; the reader reports real data errors itself
+        total = 0
+    return min(total, max_images) if max_images and max_images > 0 and total else (max_images or total or 0)
+
+
+class _Progress:
+    """A progress line with rate and ETA every ~10% of the images (at most one per 5 s, and the last)."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label, self.done, self.shown = int(total), label, 0, 0
+        self.t0 = self.last = time.time()
+
+    def update(self, n: int) -> None:
+        self.done += int(n)
+        now = time.time()
+        finished = bool(self.total) and self.done >= self.total
+        if not finished and (now - self.last < 5 or self.done - self.shown < self.total // 10):
+            return
+        self.last, self.shown = now, self.done
+        rate = self.done / max(now - self.t0, 1e-9)
+        if self.total:
+            eta = max(self.total - self.done, 0) / max(rate, 1e-9)
+            print(f"{self.label} {self.done}/{self.total} images, {rate:.1f} img/s, ETA {int(eta) // 60}:{int(eta) % 60:02d}",
+                  flush=True)
+        else:
+            print(f"{self.label} {self.done} images, {rate:.1f} img/s", flush=True)
+
+
 # ######################################################################################################
 # The library entry point
 # ######################################################################################################
@@ -390,8 +424,10 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
         evaluator = BatchEvaluator(checkpoint, **kwargs)
         batches = (evaluator(b) for b in iter_local_batches(shards, split, image_size=model_cfg.image_size,
                                                             batch_size=batch_size, max_images=max_images))
+    progress = _Progress(_planned_images(shards, split, max_images), f"[eval {split}]")
     for out_batch in batches:
         acc.update(out_batch)
+        progress.update(len(out_batch["tokens"]))
     seconds = time.time() - t0
 
     result = acc.metrics(fid_method=fid_method)
