@@ -59,13 +59,13 @@ def _load_teacher(teacher, hidden_channels: Optional[int] = None):
     if teacher is None or isinstance(teacher, torch.nn.Module):
         return teacher
     from sftok.maskgit_vqgan import load_teacher
+    from sftok_platform.train.checkpointing import TEACHER_CONFIG, TEACHER_FILE, load_teacher_dir
     path = Path(teacher)
     kwargs = {}
     if path.is_dir():
-        meta = path / "teacher.json"
-        if meta.is_file():
-            kwargs = json.loads(meta.read_text())
-        path = path / "teacher.safetensors"
+        if (path / TEACHER_CONFIG).is_file():
+            return load_teacher_dir(path)
+        path = path / TEACHER_FILE
     if hidden_channels is not None:
         kwargs.setdefault("hidden_channels", hidden_channels)
     return load_teacher(path, **kwargs)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -34,7 +27,8 @@ def test_mlflow_models_serve_tokenizes_and_reconstructs_over_http(tmp_path):
     torch.manual_seed(0)
     model = SFTok(cfg.model).eval()
     model_dir = save_pyfunc(save_model(model, tmp_path / "export"), tmp_path / "pyfunc")
-    port = _free_port()
+    from sftok_platform.cluster import free_port
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_dir),
