@@ -141,6 +141,9 @@ class BatchEvaluator:
         if self.mean_image is not None:
             constant = (self.mean_image[None].expand_as(images) * 255).round() / 255   # same 8-bit rounding
             out["psnr_mean_image"] = _np(psnr(constant, images))
+            # a stronger reference: each image painted in its own mean colour (what 3 numbers per image buy)
+            flat = (images.mean((2, 3), keepdim=True).expand_as(images) * 255).round() / 255
+            out["psnr_image_colour"] = _np(psnr(flat, images))
         for s in self.steps:
             g = torch.Generator(device=self.device).manual_seed(self.seed + s)
             recon = self.model.decode_tokens(tokens, num_steps=s, temperature=self.temperature, generator=g,
@@ -187,8 +190,9 @@ class EvalAccumulator:
         return self.real.count
 
     def update(self, out: dict[str, np.ndarray]) -> "EvalAccumulator":
-        if "psnr_mean_image" in out:
-            self.scalars.update("psnr_mean_image", out["psnr_mean_image"])
+        for name in ("psnr_mean_image", "psnr_image_colour"):
+            if name in out:
+                self.scalars.update(name, out[name])
         self.codebook.update(out["tokens"])
         self.real.update(out["feat_real"])
         self.real_is.update(out["logits_real"])
@@ -220,11 +224,11 @@ class EvalAccumulator:
                 "is": self.recon_is[s].compute(),
                 **{name: self.scalars.mean(f"{name}_{s}") for name in SCALARS},
             }
-        baseline = self.scalars.mean("psnr_mean_image")
+        baselines = {f"baseline_{name}_psnr": self.scalars.mean(f"psnr_{name}") for name in ("mean_image", "image_colour")}
         return {
             "num_images": self.count,
             "steps": per_step,
-            **({"baseline_mean_image_psnr": baseline} if baseline is not None else {}),
+            **{k: v for k, v in baselines.items() if v is not None},
             "is_original": self.real_is.compute(),
             "codebook_usage": self.codebook.usage,
             "codebook_entropy": self.codebook.entropy,
@@ -512,13 +516,16 @@ def steps_table(result: dict) -> str:
                      f"{fmt(r['psnr_y'], 2)} | {fmt(r['ssim'], 4)} | {fmt(r['lpips'], 4)} |")
     if result.get("baseline_mean_image_psnr") is not None:
         lines.append(f"| mean train image (baseline) | | | {fmt(result['baseline_mean_image_psnr'], 2)} | | | |")
+    if result.get("baseline_image_colour_psnr") is not None:
+        lines.append(f"| each image's own mean colour (baseline) | | | {fmt(result['baseline_image_colour_psnr'], 2)} | | | |")
     return "\n".join(lines)
 
 
 def flat_metrics(result: dict) -> dict[str, float]:
     """Numbers for MLflow: headline keys plus ``<metric>/steps_<s>``."""
     out = {k: float(result[k]) for k in ("rfid", "is", "psnr", "psnr_y", "ssim", "lpips", "is_original",
-                                          "codebook_usage", "codebook_entropy", "baseline_mean_image_psnr")
+                                          "codebook_usage", "codebook_entropy", "baseline_mean_image_psnr",
+                                          "baseline_image_colour_psnr")
            if _finite(result.get(k))}
     for s, r in result["steps"].items():
         out.update({f"{k}/steps_{s}": float(v) for k, v in r.items() if _finite(v)})

@@ -184,3 +184,21 @@ def test_lpips_with_local_weight_files_and_random_is_skipped(setup, tmp_path):
     assert r["lpips"] == pytest.approx(expected, rel=1e-4) and r["lpips"] > 0
     skipped = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=False, lpips_weights=("random", "random"), **kw)
     assert skipped["lpips"] is None and any("'random'" in n for n in skipped["notes"])
+
+
+def test_constant_baselines_are_scored_on_the_same_images(setup):
+    """The two references printed beside the model's PSNR: the mean train image (one constant for every
+    image) and each image painted in its own mean colour (3 numbers per image), both 8-bit rounded."""
+    from sftok_platform.evaluate import BatchEvaluator, EvalAccumulator
+    _, shards, model, _ = setup
+    batch = next(iter_local_batches(shards, "val", image_size=64, batch_size=8))
+    images = torch.from_numpy(batch["image"])
+    mean_image = np.full((3, 64, 64), 0.5, dtype=np.float32)
+    evaluator = BatchEvaluator(model, steps=[1], inception_input_size=75, mean_image=mean_image)
+    result = EvalAccumulator([1], 1024).update(evaluator(batch)).metrics(fid_method="eigh")
+    flat = (images.mean((2, 3), keepdim=True).expand_as(images) * 255).round() / 255
+    assert result["baseline_image_colour_psnr"] == pytest.approx(psnr(flat, images).mean().item(), rel=1e-5)
+    assert result["baseline_mean_image_psnr"] == pytest.approx(
+        psnr(torch.full_like(images, 128 / 255), images).mean().item(), rel=1e-5)
+    # painting each image in its own mean colour is never worse than one grey for all of them
+    assert result["baseline_image_colour_psnr"] > result["baseline_mean_image_psnr"]

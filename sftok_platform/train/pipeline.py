@@ -412,6 +412,8 @@ def summary_table(result: PipelineResult) -> str:
             lines.append(f"  PSNR {ev['psnr']:.2f} dB vs {ev['baseline_mean_image_psnr']:.2f} dB for the mean train "
                          f"image (the best constant guess): {gain:+.2f} dB"
                          + ("" if gain > 1.0 else "  <- NOT LEARNED: about the mean image"))
+            if "baseline_image_colour_psnr" in ev:
+                lines.append(f"  (each image painted in its own mean colour: {ev['baseline_image_colour_psnr']:.2f} dB)")
         for k, v in sorted(headline.items()):
             lines.append(f"  {k:<20} {_fmt(v)}")
     if result.model_uri:
