@@ -29,7 +29,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sftok_platform.data import prepare, read_split                          # noqa: E402
+import torch                                                                 # noqa: E402
+
+from sftok_platform.data import iter_train_batches, prepare, read_split      # noqa: E402
 from sftok_platform.data.synthetic import render                             # noqa: E402
 from sftok_platform.data.transforms import to_chw_float, train_transform     # noqa: E402
 from sftok_platform.data.validate import CheckOptions, check_image           # noqa: E402
@@ -157,19 +159,25 @@ def main() -> None:
     for data in rows:
         to_chw_float([train_transform(data, 256, rng)])
     single, single_cpu = len(rows) / (time.perf_counter() - t), len(rows) / (time.process_time() - c)
-    ds = read_split(shards, "train", train=True, seed=0)          # the whole split: no half-used blocks
-    t, c, n = time.perf_counter(), ray_cpu_seconds(), 0
-    for batch in ds.iter_torch_batches(batch_size=32, device="cpu"):
-        if n == 0:
-            t_first, n_first = time.perf_counter(), len(batch["label"])
-        n += len(batch["label"])
-    t_end = time.perf_counter()
-    t_read, c_read = t_end - t, ray_cpu_seconds() - c
-    steady = (n - n_first) / max(t_end - t_first, 1e-9)
-    print(f"reader (decode 500x375 JPEG + resize 256 + crop + flip -> float32 [3,256,256]): single-process "
-          f"{single:.1f} img/s ({single_cpu:.1f} img per CPU-s) | read_split + iter_torch_batches on {args.cpus} "
-          f"CPUs {n / t_read:.1f} img/s over {n} images ({t_read:.1f} s wall incl. {t_first - t:.1f} s to the first "
-          f"batch; {steady:.1f} img/s after it; {n / c_read:.1f} img per CPU-s)")
+    print(f"reader single-process (decode 500x375 JPEG + resize 256 + crop + flip -> float32 [3,256,256]): "
+          f"{single:.1f} img/s ({single_cpu:.1f} img per CPU-s)")
+    # the training ingest: float32 [0,1] through the object store (before) vs uint8, converted to float32
+    # by the consumer (iter_train_batches, what the training loop uses since the uint8 change)
+    for dtype in ("float32", "uint8", "float32", "uint8"):          # twice, interleaved: drift shows
+        ds = read_split(shards, "train", train=True, seed=0, image_dtype=dtype)   # whole split: no half-used blocks
+        t, c, n = time.perf_counter(), ray_cpu_seconds(), 0
+        for batch in iter_train_batches(ds, 32, epoch=0, device="cpu", drop_last=False):
+            assert batch["image"].dtype == torch.float32
+            if n == 0:
+                t_first, n_first = time.perf_counter(), len(batch["label"])
+            n += len(batch["label"])
+        t_end = time.perf_counter()
+        t_read, c_read = t_end - t, ray_cpu_seconds() - c
+        steady = (n - n_first) / max(t_end - t_first, 1e-9)
+        print(f"reader read_split(image_dtype={dtype}) + iter_train_batches on {args.cpus} CPUs: "
+              f"{n / t_read:.1f} img/s over {n} images ({t_read:.1f} s wall incl. {t_first - t:.1f} s to the "
+              f"first batch; {steady:.1f} img/s after it; {n / c_read:.1f} img per CPU-s; "
+              f"{3 * 256 * 256 * (4 if dtype == 'float32' else 1) / 1e3:.0f} KB per image through the object store)")
     print(f"load after: {os.getloadavg()}")
     ray.shutdown()
     if not args.workdir:

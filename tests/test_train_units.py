@@ -416,3 +416,19 @@ def test_restarts_that_cannot_help_are_refused(tmp_path):
     with pytest.raises(StageDiverged, match="stage1 diverged: x"):
         refuse_hopeless_restart(paths, cfg, 4, rank=0, launched_at=30.0)
     refuse_hopeless_restart(paths, load_config("tiny", ["stage1.lr=1e-4"]), 4, rank=0, launched_at=30.0)
+
+
+def test_step_journal_writes_only_on_flush(tmp_path):
+    """Per-step entries stay in memory until a flush (the loop flushes on log/checkpoint steps and on exit),
+    then land in order with their losses, after the entries written directly (start, diverged...)."""
+    paths = ckpt.StagePaths(tmp_path, "stage1")
+    ckpt.journal(paths, event="start", step=0)
+    steps = ckpt.StepJournal(paths)
+    steps.add(1, torch.tensor(2.5))
+    steps.add(2, torch.tensor(float("nan")))
+    assert [e.get("event") for e in ckpt.read_journal(paths)] == ["start"]       # nothing written yet
+    steps.flush()
+    steps.flush()                                                                  # idempotent
+    entries = ckpt.read_journal(paths)
+    assert [e["step"] for e in entries] == [0, 1, 2] and entries[1]["loss"] == 2.5
+    assert entries[2]["loss"] != entries[2]["loss"]                                # NaN kept, not dropped

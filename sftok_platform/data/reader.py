@@ -128,9 +128,14 @@ def iter_train_batches(shard, batch_size: int, *, epoch: int, seed: int = 0, shu
                                           prefetch_batches=prefetch_batches,
                                           local_shuffle_buffer_size=shuffle_buffer or None,
                                           local_shuffle_seed=local_seed):
-        if batch["image"].dtype == torch.uint8:
-            batch["image"] = batch["image"].float().div_(255.0)
+        batch["image"] = as_float_images(batch["image"])
         yield batch
+
+
+def as_float_images(images):
+    """float32 images in [0,1] from a batch of uint8 (0..255, ``image_dtype="uint8"``) or float32 images."""
+    import torch
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def image_batches(shard, micro_batch: int, seed: int, device, first_epoch: int = 0) -> Iterator[Any]:

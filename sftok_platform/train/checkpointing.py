@@ -93,6 +93,30 @@ def journal(paths: StagePaths, **entry: Any) -> None:
         f.write(json.dumps(entry, default=float) + "\n")
 
 
+class StepJournal:
+    """Per-step journal entries (step, loss, time) held in memory and appended to ``journal.jsonl`` in one
+    write on ``flush()``: the loop flushes on log and checkpoint steps and when it stops (also on an
+    exception), so rank 0 does no file append on shared storage, and no device-to-host copy of the loss,
+    on the other steps. A killed process loses the entries since the last flush, which are also the steps
+    its restart replays from the last checkpoint."""
+
+    def __init__(self, paths: StagePaths):
+        self.paths, self.pending = paths, []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss.detach(), round(time.time(), 3)))
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack([loss.float().reshape(()) for _, loss, _ in self.pending]).cpu().tolist()
+        self.paths.dir.mkdir(parents=True, exist_ok=True)
+        with self.paths.journal.open("a") as f:
+            f.write("".join(json.dumps({"step": step, "loss": value, "t": t}) + "\n"
+                            for (step, _, t), value in zip(self.pending, losses)))
+        self.pending = []
+
+
 def nonfinite_tensors(state: dict, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors holding NaN or inf in a (nested) state dict."""
     bad = []

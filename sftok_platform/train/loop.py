@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from sftok_platform.config import Config, load_config
+from sftok_platform.data.reader import as_float_images
 from sftok.ema import EMA
 from sftok.optim import lr_at, set_lr
 from sftok_platform.tracking import StageLogger
@@ -307,6 +308,7 @@ def train_loop_per_worker(config: dict) -> None:
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     debug = config.get("debug")
+    step_journal = ckpt.StepJournal(paths)
     status = "FAILED"
     try:
         sums: dict[str, float] = {}
@@ -347,8 +349,9 @@ def train_loop_per_worker(config: dict) -> None:
                 aux_metrics = task.after_step(step, ema)
                 if aux_module is not None:
                     aux_metrics.update(task.aux_step(aux_module, batch, step))
-                for k, v in {**step_sums, **aux_metrics, "grad_norm": float(grad_norm)}.items():
+                for k, v in {**step_sums, **aux_metrics}.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                sums["grad_norm"] = sums.get("grad_norm", 0.0) + grad_norm.detach().float()   # synced at log steps
                 n_sum += 1
             else:
                 bad_in_a_row += 1
@@ -363,20 +366,23 @@ def train_loop_per_worker(config: dict) -> None:
                                f"holds the last finite weights. Lower {task.section}.lr (now {st.lr:g}), raise "
                                f"{task.section}.warmup_steps or tighten train.grad_clip, then rerun.")
                     if rank == 0:
+                        step_journal.flush()
                         ckpt.journal(paths, event="diverged", step=done, config=config_fingerprint(cfg),
                                      message=message, t=round(time.time(), 3))
                         log.metrics({"nonfinite_steps": float(nonfinite_total)}, step=done)
                     raise StageDiverged(message)
             steps_window += 1
             if rank == 0:
-                ckpt.journal(paths, step=done, loss=float(loss.detach()), t=round(time.time(), 3))
+                step_journal.add(done, loss)
 
             last = done == total
             log_now = done % cfg.train.log_every == 0 or last
             ckpt_now = done % cfg.train.checkpoint_every == 0 or last
             report: dict = {}
+            if rank == 0 and (log_now or ckpt_now):
+                step_journal.flush()
             if log_now:
-                metrics = all_reduce_mean({k: v / max(n_sum, 1) for k, v in sums.items()}, device)
+                metrics = all_reduce_mean({k: float(v) / max(n_sum, 1) for k, v in sums.items()}, device)
                 metrics["nonfinite_steps"] = float(nonfinite_total)       # identical on every rank
                 if task.codebook_size:
                     counts = torch.zeros(task.codebook_size, dtype=torch.float64, device=device)
@@ -414,6 +420,8 @@ def train_loop_per_worker(config: dict) -> None:
             ray.train.report(report)
         status = "FINISHED"
     finally:
+        if rank == 0:
+            step_journal.flush()
         log.close(status)
 
 
@@ -494,7 +502,7 @@ def _finish_stage(task: TrainingTask, ema: EMA, cfg: Config, st, stage: str, pat
         batch_size=min(cfg.eval.batch_size, limit), device=device) if task.uses_val_split else [])
     with torch.no_grad():
         for batch in val_batches:
-            images = batch["image"].float()
+            images = as_float_images(batch["image"])
             if first is None:
                 first = images[:4]
             for k, v in task.validate(ema_model, images).items():
