@@ -1,6 +1,6 @@
 """Prep of image folders into Parquet shards: layouts, bad input, manifest, resume, idempotence, errors.
 
-One local Ray instance (2 CPUs) is shared by the module; each prep here is a few dozen tiny images.
+The suite's shared local Ray (conftest ``ray_cluster``) runs the preps; each is a few dozen tiny images.
 """
 from __future__ import annotations
 
@@ -83,13 +83,8 @@ def make_imagenet(root: Path, per_class: int = 4, n_val: int = 5) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    from ray.data import DataContext
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
+def ray_local(ray_cluster):
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """Readers for Ray Train: SPEC C.3/E transforms, shapes/dtypes/ranges, per-epoch reshuffle, ensure_dataset,
 and the optional proxy-code precompute (a Ray Data actor pool running the teacher encoder).
 
-One local Ray instance (2 CPUs) is shared by the module."""
+The suite's shared local Ray (conftest ``ray_cluster``) runs them."""
 from __future__ import annotations
 
 import hashlib
@@ -43,15 +43,13 @@ def test_transforms_match_torchvision():
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
+def ray_local(ray_cluster):
     from ray.data import DataContext
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
+    before = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True    # lets the test see the file order of each epoch
     yield
-    ray.shutdown()
+    ctx.execution_options.preserve_order = before  # the Ray is shared: leave the next modules Ray's default
 
 
 @pytest.fixture(scope="module")

@@ -100,14 +100,9 @@ def test_accumulated_metrics_equal_a_direct_computation(setup):
 
 
 @pytest.mark.slow
-def test_ray_data_actor_pool_equals_in_process(setup, tmp_path):
-    import ray
+def test_ray_data_actor_pool_equals_in_process(setup, tmp_path, ray_cluster):
     root, shards, _, local = setup
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        remote = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=True, num_actors=1, **FAST)
-    finally:
-        ray.shutdown()
+    remote = evaluate_checkpoint(str(root / "ckpt"), shards, use_ray=True, num_actors=1, **FAST)
     assert remote["ray"] and remote["num_images"] == local["num_images"] == 8
     assert remote["codebook_usage"] == local["codebook_usage"]
     assert remote["codebook_entropy"] == pytest.approx(local["codebook_entropy"], abs=1e-12)

@@ -48,16 +48,8 @@ def test_config_checks_say_how_to_fix():
     assert check_config(load_config("tiny", ["generator.num_classes=10"]), manifest) == 10
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_stage4_end_to_end_tiny(tmp_path, ray_local):
+def test_stage4_end_to_end_tiny(tmp_path, ray_cluster):
     """Tokenize (Ray Data) -> train (Ray Train, 1 CPU worker, checkpoints; the worker fails once after step 2
     and the restarted group resumes from that checkpoint) -> sample (Ray Data) -> gFID vs the val shards, all
     logged to a real MLflow sqlite store as a child of a pipeline run."""

@@ -1,0 +1,61 @@
+"""Suite-wide setup: one private local Ray for every test that can share it, and environment settings that
+keep a 2-core machine from spending the suite's time on start-up and thread contention.
+
+Tests that need a cluster of their own (``ray job submit`` against a ``ray start`` head, token
+authentication, a SIGKILLed sweep, a multi-node ``Cluster``) still start it themselves; a test that shuts
+the shared Ray down (to start its own) is fine too: the next module that asks for ``ray_cluster`` gets a
+fresh one.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Set before torch / Ray start (Ray's local processes inherit this environment; so do the subprocesses and
+# the clusters that tests start themselves). None of them changes what the code under test computes.
+for _key, _value in {
+    # Ray 2.60's Parquet reader (datasource V2) starts 32 FooterReader actors, each a new Python process,
+    # for every execution of a dataset: 5-20 s per read on 2 cores for a few shards. One actor reads the
+    # same footers through the same code path.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # OpenMP threads that spin while they wait slow every torch op down many times over when the 2 cores
+    # are shared (Ray workers, other jobs): an FID Inception forward took 4 s instead of 0.05 s.
+    "OMP_WAIT_POLICY": "PASSIVE",
+    # Train V2's controller polls its workers every 2 s; each stage waits up to that long to notice it ended.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray's memory monitor kills workers when the *node* is 95% full, whoever fills it; on a shared box
+    # other jobs' memory then kills these tests' trials (seen: ASHA lost its reference trial).
+    "RAY_memory_monitor_refresh_ms": "0",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+RAY_CPUS = 4     # logical CPUs of the shared Ray: a 2-worker stage or a trial plus Ray Data's tasks fit
+
+
+def ensure_ray() -> dict:
+    """Connect to the shared private local Ray (started on first use, dashboard on: Train V2's placement-group
+    cleanup needs the State API); returns its resources."""
+    import ray
+    from ray.data import DataContext
+
+    from sftok_platform.cluster import connect
+    if not ray.is_initialized():
+        connect(None, num_cpus=RAY_CPUS)
+    DataContext.get_current().enable_progress_bars = False
+    return dict(ray.cluster_resources())
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(_ray_session):
+    """The shared local Ray, (re)connected for this module. Tests must not shut it down."""
+    return ensure_ray()
+
