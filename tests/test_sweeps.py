@@ -3,11 +3,11 @@
 Fast tests: search spaces and trial -> config mapping, the paper-shaped report, and that MLflow's sqlite
 store keeps every metric when several processes write at once (the sweep's tracking choice).
 
-End to end (``slow``; one private local Ray for the module, tiny model, tiny synthetic data, a random
-teacher so stage 0 is skipped): a 3-trial replace-ratio grid through Tune + Train + MLflow; an
-Optuna + ASHA search where ASHA stops a diverging trial, the next trial runs and the stopped trial's
-workers are released; a sweep killed mid-trial (the whole process group, SIGKILL) and finished with
-``--resume``.
+End to end (``slow``; the suite's local Ray, tiny model, tiny synthetic data, a random teacher so stage 0
+is skipped): the one-seed ablation (a 4-trial replace-ratio x warm-up grid through Tune + Train + MLflow,
+then decode-steps on one of its exports), run as a command that is killed mid-trial (the whole process
+group, SIGKILL) and finished with ``--resume``; an Optuna + ASHA search where ASHA stops a diverging trial,
+the next trial runs and the stopped trial's workers are released.
 """
 from __future__ import annotations
 
@@ -141,14 +141,12 @@ def test_sqlite_holds_parallel_writers(tmp_path):
 # ######################################################################################################
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A private Ray (dashboard on, State API reachable), a run root with a random stage-0-style teacher."""
-    import ray
+def env(tmp_path_factory, ray_cluster):
+    """The suite's local Ray (dashboard on, State API reachable), a run root with a random stage-0-style teacher."""
     import torch
 
     from sftok_platform.config import load_config
     from sftok.maskgit_vqgan import MaskGITVQGAN
-    from sftok_platform.cluster import connect
     from sftok_platform.train import checkpointing as ckpt
     root = tmp_path_factory.mktemp("sweeps")
     torch.manual_seed(0)
@@ -157,12 +155,7 @@ def env(tmp_path_factory):
                       root / "teacher", hidden_channels=_t.hidden_channels, codebook_size=_t.codebook_size,
                       z_channels=_t.z_channels, arch=load_config("tiny").teacher_arch())   # the tiny preset's layout
     overrides = FAST + [f"run.root={root / 'runs'}", f"teacher.weights={root / 'teacher' / 'teacher.safetensors'}"]
-    # Ray's memory monitor kills workers when the *node* is 95% full, whoever fills it; on a shared CI box
-    # other jobs' memory then kills these trials (seen: ASHA lost its reference trial). Off for this cluster.
-    os.environ["RAY_memory_monitor_refresh_ms"] = "0"
-    connect(num_cpus=4)
-    yield {"root": root, "overrides": overrides}
-    ray.shutdown()
+    return {"root": root, "overrides": overrides}
 
 
 def _cfg(env, extra=()):
@@ -170,16 +163,71 @@ def _cfg(env, extra=()):
     return load_config("tiny", list(env["overrides"]) + list(extra))
 
 
+def _journal_starts(stage_dir: Path) -> list[dict]:
+    p = stage_dir / "journal.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(x) for x in p.read_text().splitlines() if '"event": "start"' in x]
+
+
+# stage 2 checkpoints every step, so that a kill mid-trial leaves a checkpoint to resume from
+ABLATION_EXTRA = ["stage2.steps=6", "train.checkpoint_every=1"]
+ABLATION_KEYS = ["rp0-wu1-s0", "rp1-wu1-s0", "rp0-wu0-s0", "rp1-wu0-s0"]
+
+
+@pytest.fixture(scope="module")
+def ablation(env, tmp_path_factory):
+    """``sweep.py ablation`` with one seed, started as a command (its own local Ray, one trial at a time) and
+    killed (driver and its Ray, SIGKILL) while a trial trains after another trial finished; then the same
+    sweep finished with ``run_ablation(resume=True)`` on the suite's Ray. Returns both sweeps' results and
+    what the kill left behind."""
+    from sftok_platform.sweeps import run_ablation
+    args = ["ablation", "--preset", "tiny", "--name", "abl", "--seeds", "0", "--steps", "1,2",
+            "--concurrency", "1", "--num-cpus", "3", *env["overrides"], *ABLATION_EXTRA]
+    child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    log = tmp_path_factory.mktemp("ablation-log") / "sweep.log"
+    sweep_runs = Path(_cfg(env).run.root) / "sweeps" / "abl" / "runs"
+    finished = interrupted = None
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "sweep.py"), *args], cwd=REPO,
+                                env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 900
+        try:
+            while time.time() < deadline and proc.poll() is None:
+                done = [k for k in ABLATION_KEYS if (sweep_runs / k / "stages" / "stage2" / "done.json").is_file()]
+                for k in (k for k in ABLATION_KEYS if done and k not in done):
+                    # a checkpoint counts once Train V2 has recorded it in its snapshot (the step dir alone
+                    # appears earlier; a kill in between leaves nothing to resume from)
+                    snaps = list((sweep_runs / k / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
+                    if snaps and "step_" in snaps[0].read_text():
+                        finished, interrupted = done, k
+                        break
+                if interrupted:
+                    break
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    killed = {"returncode": proc.returncode, "finished": finished, "interrupted": interrupted,
+              "log": log.read_text()[-3000:],
+              "interrupted_done": interrupted is not None
+              and (sweep_runs / interrupted / "stages" / "stage2" / "done.json").exists()}
+    if not interrupted:
+        pytest.fail(f"the sweep was not caught mid-trial: {killed}")
+    cfg = _cfg(env, ABLATION_EXTRA)
+    res, ds = run_ablation(cfg, name="abl", seeds=(0,), steps=(1, 2), resume=True, concurrency=2)
+    return {"cfg": cfg, "res": res, "ds": ds, "killed": killed, "sweep_runs": sweep_runs}
+
+
 @pytest.mark.slow
-def test_ablation_end_to_end(env):
+def test_ablation_end_to_end(ablation):
     """``sweep.py ablation`` with one seed: SFVR (1.0) vs vanilla (0.0) x warm-up on/off through Tune + Train
     + MLflow (the stage-1 warm-up trained once and shared; one child run per trial with params, curves and
     final figures; table + plots on the parent), then decode-steps on the SFVR warm-up export: eval-only
     trials through the evaluation module, no training."""
     from sftok_platform import tracking
-    from sftok_platform.sweeps import run_ablation, runs
-    cfg = _cfg(env)
-    res, ds = run_ablation(cfg, name="grid", seeds=(0,), steps=(1, 2), concurrency=2)
+    from sftok_platform.sweeps import runs
+    cfg, res, ds = ablation["cfg"], ablation["res"], ablation["ds"]
     assert [r["status"] for r in res.rows] == ["finished"] * 4
     assert [(r["warmup"], r["replace_prob"]) for r in res.rows] == [(True, 0.0), (True, 1.0), (False, 0.0), (False, 1.0)]
     for r in res.rows:
@@ -188,13 +236,20 @@ def test_ablation_end_to_end(env):
 
     c = tracking.client(res.tracking_uri)
     trials = runs.trial_runs(cfg, res.parent_run_id)
-    assert sorted(trials) == ["rp0-wu0-s0", "rp0-wu1-s0", "rp1-wu0-s0", "rp1-wu1-s0"]
+    assert sorted(trials) == sorted(ABLATION_KEYS)
     for key, run in trials.items():
         assert run.info.status == "FINISHED"
         assert float(run.data.params["stage2.replace_prob"]) == float(key[2:].split("-")[0].replace("p", "."))
         offset = cfg.stage1.steps if "-wu1-" in key else 0
-        curve = c.get_metric_history(run.info.run_id, "loss")        # every stage-2 log step, on sweep_step
-        assert sorted(m.step for m in curve) == [offset + i for i in range(1, cfg.stage2.steps + 1)]
+        curve = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]   # every stage-2 log step, on sweep_step
+        expected = [offset + i for i in range(1, cfg.stage2.steps + 1)]
+        if key == ablation["killed"]["interrupted"]:
+            # SIGKILL may lose the last points before the kill, and the resumed run logs again the steps
+            # after its checkpoint: every step from the resume point on is there, nothing off the grid
+            resumed_at = _journal_starts(ablation["sweep_runs"] / key / "stages" / "stage2")[-1]["step"]
+            assert set(curve) <= set(expected) and set(expected[resumed_at:]) <= set(curve), (key, curve)
+        else:
+            assert sorted(curve) == expected, (key, curve)
         assert "val_psnr_2step" in run.data.metrics and "val_loss" in run.data.metrics
     # the shared warm-up ran once, as a child of the sweep run
     exp = tracking.ensure_experiment(cfg)
@@ -214,7 +269,7 @@ def test_ablation_end_to_end(env):
     assert c.get_run(res.parent_run_id).data.metrics["trials_finished"] == 4
 
     # the decode-steps half ran on the SFVR warm-up trial's export
-    assert ds.name == "grid-decode-steps"
+    assert ds.name == "abl-decode-steps"
     assert c.get_run(ds.parent_run_id).data.params["sweep.checkpoint"].endswith("rp1-wu1-s0/stages/stage2/export")
     assert [(r["steps"], r["status"]) for r in ds.rows] == [(1, "finished"), (2, "finished")]
     assert all(r["psnr"] > 0 and "rfid" in r for r in ds.rows)
@@ -222,6 +277,34 @@ def test_ablation_end_to_end(env):
     assert "rFID (random Inception: not comparable)" in md and "| steps | 1 | 2 |" in md
     assert not list((Path(ds.sweep_dir) / "runs").glob("*/stages"))          # nothing was trained
     assert sorted(runs.trial_runs(cfg, ds.parent_run_id)) == ["steps1", "steps2"]
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes(ablation):
+    """The ablation above was killed (driver and its local Ray, SIGKILL) while a trial trained, after another
+    had finished; ``--resume`` (run_ablation(resume=True)) kept the finished trial, continued the interrupted
+    one from its last checkpoint, ran the rest and completed the table, in the same MLflow runs."""
+    from sftok_platform import tracking
+    from sftok_platform.sweeps import runs
+    killed, res, cfg = ablation["killed"], ablation["res"], ablation["cfg"]
+    sweep_runs = ablation["sweep_runs"]
+    assert killed["returncode"] == -signal.SIGKILL, killed["log"]
+    assert killed["finished"] and not killed["interrupted_done"], killed
+    assert [r["status"] for r in res.rows] == ["finished"] * 4
+    for key in killed["finished"]:                                                 # not trained again
+        assert len(_journal_starts(sweep_runs / key / "stages" / "stage2")) == 1, key
+    starts = _journal_starts(sweep_runs / killed["interrupted"] / "stages" / "stage2")
+    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 1    # continued, not restarted
+    for key in set(ABLATION_KEYS) - set(killed["finished"]) - {killed["interrupted"]}:   # never started before
+        assert len(_journal_starts(sweep_runs / key / "stages" / "stage2")) == 1, key
+    # the same MLflow runs: one sweep run, one run per trial
+    c = tracking.client(res.tracking_uri)
+    exp = tracking.ensure_experiment(cfg)
+    sweeps = c.search_runs([exp], filter_string=f"tags.`{runs.TAG_SWEEP}` = 'abl' and tags.`{tracking.TAG_KIND}` = 'sweep'")
+    assert [r.info.run_id for r in sweeps] == [res.parent_run_id]
+    trial_runs = c.search_runs([exp], filter_string=f"tags.`{tracking.TAG_PARENT}` = '{res.parent_run_id}' and "
+                                                    f"tags.`{tracking.TAG_KIND}` = 'trial'")
+    assert len(trial_runs) == 4 and sorted(runs.trial_runs(cfg, res.parent_run_id)) == sorted(ABLATION_KEYS)
 
 
 @pytest.mark.slow
@@ -267,60 +350,6 @@ def test_asha_stops_a_trial_and_the_next_runs(env):
     stopped = tracking.client(res.tracking_uri).get_run(stopped.info.run_id)
     assert stopped.info.status == "KILLED", stopped.info.status
     assert tracking.client(res.tracking_uri).get_run(stopped.info.run_id).data.tags["sftok.trial_status"] == "stopped early"
-
-
-def _journal_starts(stage_dir: Path) -> list[dict]:
-    p = stage_dir / "journal.jsonl"
-    if not p.is_file():
-        return []
-    return [json.loads(x) for x in p.read_text().splitlines() if '"event": "start"' in x]
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_resumes(env, tmp_path):
-    """Kill the sweep (driver and its local Ray, SIGKILL) while its second trial trains; --resume keeps the
-    finished trial, continues the interrupted one from its last checkpoint and completes the table."""
-    extra = ["stage2.steps=6", "train.checkpoint_every=1"]
-    args = ["replace-ratio", "--preset", "tiny", "--name", "resume", "--ratios", "0,1", "--warmup", "off",
-            "--concurrency", "1", "--num-cpus", "3", *env["overrides"], *extra]
-    child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    log = tmp_path / "sweep.log"
-    sweep_runs = Path(_cfg(env).run.root) / "sweeps" / "resume" / "runs"
-    keys = ["rp0-wu0-s0", "rp1-wu0-s0"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "sweep.py"), *args], cwd=REPO,
-                                env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + 600
-        first = second = None
-        try:
-            while time.time() < deadline and proc.poll() is None:
-                done = [k for k in keys if (sweep_runs / k / "stages" / "stage2" / "done.json").is_file()]
-                if done:
-                    first = done[0]
-                    second = next(k for k in keys if k != first)
-                    # a checkpoint counts once Train V2 has recorded it in its snapshot (the step dir alone
-                    # appears earlier; a kill in between leaves nothing to resume from)
-                    snaps = list((sweep_runs / second / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
-                    if snaps and "step_" in snaps[0].read_text():
-                        break
-                time.sleep(0.5)
-        finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert first and second and proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
-    assert not (sweep_runs / second / "stages" / "stage2" / "done.json").exists()
-
-    from sftok_platform.sweeps import run_sweep, runs
-    cfg = _cfg(env, extra)
-    res = run_sweep("replace-ratio", cfg, name="resume", resume=True, ratios=[0.0, 1.0], warmup=[False],
-                    concurrency=1)
-    assert [r["status"] for r in res.rows] == ["finished", "finished"]
-    assert len(_journal_starts(sweep_runs / first / "stages" / "stage2")) == 1     # not trained again
-    starts = _journal_starts(sweep_runs / second / "stages" / "stage2")
-    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 1     # continued, not restarted
-    assert sorted(runs.trial_runs(cfg, res.parent_run_id)) == sorted(keys)         # same MLflow runs
-    with open(res.report_files["csv"]) as f:
-        assert len(list(csv.DictReader(f))) == 2
 
 
 def test_a_trial_that_cannot_fit_is_refused_before_any_work():
