@@ -125,10 +125,10 @@ def test_stage12_checkpoint_decodes_through_the_teacher(setup, tmp_path):
     assert r["stage"] == "stage12" and r["num_images"] == 4 and np.isfinite(r["rfid"])
 
 
-def test_json_and_mlflow_parent_child_runs(setup, tmp_path):
+def test_json_and_mlflow_parent_child_runs(setup, tmp_path, seed_mlflow):
     from mlflow.tracking import MlflowClient
     _, _, _, r = setup
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = seed_mlflow(tmp_path)
     client = MlflowClient(uri)
     exp = client.create_experiment("t", artifact_location=str(tmp_path / "art"))
     parent = client.create_run(exp, run_name="pipeline").info.run_id

@@ -49,7 +49,7 @@ def test_config_checks_say_how_to_fix():
 
 
 @pytest.mark.slow
-def test_stage4_end_to_end_tiny(tmp_path, ray_cluster):
+def test_stage4_end_to_end_tiny(tmp_path, ray_cluster, seed_mlflow):
     """Tokenize (Ray Data) -> train (Ray Train, 1 CPU worker, checkpoints; the worker fails once after step 2
     and the restarted group resumes from that checkpoint) -> sample (Ray Data) -> gFID vs the val shards, all
     logged to a real MLflow sqlite store as a child of a pipeline run."""
@@ -66,7 +66,7 @@ def test_stage4_end_to_end_tiny(tmp_path, ray_cluster):
     shards = tmp_path / "shards"
     prepare_synthetic(shards, 16, num_val=6, quiet=True)
     cfg = load_config("tiny", [
-        f"run.root={tmp_path / 'runs'}", "run.name=gen", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"run.root={tmp_path / 'runs'}", "run.name=gen", f"tracking.uri={seed_mlflow(tmp_path)}",
         "tracking.system_metrics=false",
         "generator.width=32", "generator.layers=1", "generator.heads=2", "generator.mlp_dim=64",
         "generator.num_classes=10", "generator.steps=4", "generator.global_batch_size=4",

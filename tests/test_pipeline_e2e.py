@@ -52,10 +52,11 @@ def steps_after_each_start(paths):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, ray_cluster):
+def pipeline(tmp_path_factory, ray_cluster, seed_mlflow):
     """The three launches; returns what the tests assert on (state between launches included)."""
     from sftok_platform.data import prepare_synthetic
     tmp = tmp_path_factory.mktemp("e2e")
+    seed_mlflow(tmp / "runs")
     shards = tmp / "shards"
     prepare_synthetic(shards, 32, num_val=8, image_size=load_config("tiny").model.image_size, quiet=True)
     lines: list[str] = []

@@ -116,11 +116,11 @@ def _log_many(uri: str, run_id: str, worker: int, n: int) -> None:
         c.log_metric(run_id, f"w{worker}", float(i), step=i)
 
 
-def test_sqlite_holds_parallel_writers(tmp_path):
+def test_sqlite_holds_parallel_writers(tmp_path, seed_mlflow):
     """Why trials may share one sqlite store: MLflow 3 sets busy_timeout=20 s, so writers queue instead
     of failing with "database is locked". Four processes write at once; every value must arrive."""
     from mlflow import MlflowClient
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = seed_mlflow(tmp_path)
     c = MlflowClient(tracking_uri=uri)
     exp = c.create_experiment("x", artifact_location=str(tmp_path / "art"))
     run_id = c.create_run(exp).info.run_id               # schema created before the writers start
@@ -141,7 +141,7 @@ def test_sqlite_holds_parallel_writers(tmp_path):
 # ######################################################################################################
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, ray_cluster):
+def env(tmp_path_factory, ray_cluster, seed_mlflow):
     """The suite's local Ray (dashboard on, State API reachable), a run root with a random stage-0-style teacher."""
     import torch
 
@@ -149,6 +149,7 @@ def env(tmp_path_factory, ray_cluster):
     from sftok.maskgit_vqgan import MaskGITVQGAN
     from sftok_platform.train import checkpointing as ckpt
     root = tmp_path_factory.mktemp("sweeps")
+    seed_mlflow(root / "runs")
     torch.manual_seed(0)
     _t = load_config("tiny").teacher
     ckpt.save_teacher(MaskGITVQGAN(_t.hidden_channels, _t.codebook_size, _t.z_channels, load_config("tiny").teacher_arch()),

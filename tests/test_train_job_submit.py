@@ -96,8 +96,8 @@ def job_outcome(address: str, sid: str, done_file: Path, seconds: float = 900.0)
     raise TimeoutError(f"job {sid} did not finish in {seconds:.0f} s")
 
 
-def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch):
-    from ray.job_submission import JobStatus, JobSubmissionClient
+def test_job_submit_runs_the_pipeline(head, tmp_path, monkeypatch, seed_mlflow):
+    seed_mlflow(tmp_path)          # the job's run root gets its (empty) MLflow store ready-made
     sid = f"sftok-smoke-{os.getpid()}"
     entry = ["python", "experiments/full_pipeline.py", "--root", str(tmp_path), "--stages",
              "stage0", "--run-name", "job", "stage0.steps=2", "stage0.global_batch_size=2", "stage0.warmup_steps=1",

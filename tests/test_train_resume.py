@@ -19,11 +19,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, ray_cluster):
+def env(tmp_path_factory, ray_cluster, seed_mlflow):
     """The suite's local Ray, 40 synthetic images at the tiny preset's size and a random stage-0 teacher export."""
     from sftok.maskgit_vqgan import MaskGITVQGAN
     from sftok_platform.data import prepare_synthetic
     root = tmp_path_factory.mktemp("resume")
+    seed_mlflow(root)
     shards = root / "shards"
     prepare_synthetic(shards, 32, num_val=8, image_size=load_config("tiny").model.image_size, quiet=True)
     torch.manual_seed(0)

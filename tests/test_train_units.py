@@ -98,7 +98,8 @@ def test_config_survives_the_trip_to_the_workers(tmp_path):
 
 # ------------------------------------------------------------------------------------------- tracking
 
-def test_parent_child_runs_resume_by_tags_and_register(tmp_path):
+def test_parent_child_runs_resume_by_tags_and_register(tmp_path, seed_mlflow):
+    seed_mlflow(tmp_path)
     cfg = tiny(tmp_path)
     assert tracking.tracking_uri(cfg) == f"sqlite:///{tmp_path}/mlflow.db"
     parent = tracking.start_parent_run(cfg)
@@ -115,7 +116,7 @@ def test_parent_child_runs_resume_by_tags_and_register(tmp_path):
         tracking.check_alias("latest")
 
 
-def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp_path):
+def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp_path, seed_mlflow):
     """The registered tokenizer is an MLflow pyfunc (tokens and reconstructions from image bytes, without
     this project's loading code); one registered model per preset; a version per run with its figures as
     tags; the serving alias moves only on promotion."""
@@ -128,6 +129,7 @@ def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp
     from sftok.checkpoint import save_model
     from sftok.model import SFTok
     from sftok_platform.serving import example_image
+    seed_mlflow(tmp_path)
     cfg = tiny(tmp_path, "tracking.system_metrics=false")
     torch.manual_seed(0)
     model = SFTok(cfg.model).eval()
@@ -177,7 +179,8 @@ def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp
     assert Image.open(io.BytesIO(rec["image"][0])).size == (64, 64)
 
 
-def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
+def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path, seed_mlflow):
+    seed_mlflow(tmp_path)
     cfg = tiny(tmp_path)
     parent = tracking.start_parent_run(cfg)
     ids = [tracking.start_child_run(cfg, s, parent) for s in ("stage1", "stage2", "stage3", "stage0")]
@@ -197,8 +200,9 @@ def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path):
     assert "sftok.error" not in c.get_run(ids[2]).data.tags
 
 
-def test_non_finite_metrics_are_logged_not_dropped(tmp_path):
+def test_non_finite_metrics_are_logged_not_dropped(tmp_path, seed_mlflow):
     import math
+    seed_mlflow(tmp_path)
     cfg = tiny(tmp_path)
     parent = tracking.start_parent_run(cfg)
     tracking.log_summary_metrics(cfg, parent, {"loss": float("nan"), "grad_norm": float("inf"), "ok": 1.0,
