@@ -125,7 +125,10 @@ def test_sqlite_holds_parallel_writers(tmp_path, seed_mlflow):
     exp = c.create_experiment("x", artifact_location=str(tmp_path / "art"))
     run_id = c.create_run(exp).info.run_id               # schema created before the writers start
     n, workers = 40, 4
-    ctx = mp.get_context("spawn")
+    # fresh interpreters (no fork of this Ray-threaded process), mlflow imported once in the fork server
+    # instead of in each writer: the writers start together and really contend for the database
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["mlflow"])
     procs = [ctx.Process(target=_log_many, args=(uri, run_id, w, n)) for w in range(workers)]
     for p in procs:
         p.start()
