@@ -36,13 +36,13 @@ def pids_using(marker: str) -> list[int]:
 
 
 def stop_head(temp_dir: str) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, grace in ((signal.SIGTERM, 5), (signal.SIGKILL, 15)):   # a throw-away head: no long goodbyes
         for pid in pids_using(temp_dir):
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + grace
         while pids_using(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
     if os.environ.get("CI"):
