@@ -159,5 +159,6 @@ def test_presets_load_from_a_non_editable_install(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     where, preset, size, names = out.stdout.split()
-    assert where.startswith(str(target)) and preset == "tiny" and size == "64"
+    from sftok_platform.config import load_config       # the source tree's tiny preset, as installed
+    assert where.startswith(str(target)) and preset == "tiny" and size == str(load_config("tiny").model.image_size)
     assert {"tiny", "b64", "l64"} <= set(names.split(","))

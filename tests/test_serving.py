@@ -55,7 +55,7 @@ def test_mlflow_models_serve_tokenizes_and_reconstructs_over_http(tmp_path):
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png).decode()]]}}
         tokens = post(body)["predictions"][0]["tokens"]
         with torch.no_grad():
-            direct = model.encode(torch.from_numpy(to_chw_float([eval_transform(png, 64)])))[0].tolist()
+            direct = model.encode(torch.from_numpy(to_chw_float([eval_transform(png, cfg.model.image_size)])))[0].tolist()
         assert tokens == direct
         recon = post({**body, "params": {"task": "reconstruct", "steps": 2}})["predictions"][0]["image"]
         assert base64.b64decode(recon)[:8] == b"\x89PNG\r\n\x1a\n"
