@@ -175,49 +175,67 @@ def _journal_starts(stage_dir: Path) -> list[dict]:
 
 
 # stage 2 checkpoints every step, so that a kill mid-trial leaves a checkpoint to resume from
-ABLATION_EXTRA = ["stage2.steps=6", "train.checkpoint_every=1"]
+ABLATION_STEPS = 8
+ABLATION_EXTRA = [f"stage2.steps={ABLATION_STEPS}", "train.checkpoint_every=1"]
 ABLATION_KEYS = ["rp0-wu1-s0", "rp1-wu1-s0", "rp0-wu0-s0", "rp1-wu0-s0"]
+
+
+def _recorded_checkpoints(trial_dir: Path) -> list[int]:
+    """Steps of the stage-2 checkpoints Train V2 has recorded in its snapshot for this trial (the step dir
+    alone appears earlier; a kill in between leaves nothing to resume from)."""
+    snaps = list((trial_dir / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
+    try:
+        results = json.loads(snaps[0].read_text())["checkpoint_results"] if snaps else []
+    except (ValueError, KeyError):        # being written
+        return []
+    return sorted(int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results)
+
+
+def _steps_after_last_start(stage_dir: Path) -> list[int]:
+    lines = [json.loads(x) for x in (stage_dir / "journal.jsonl").read_text().splitlines()]
+    last = max(i for i, e in enumerate(lines) if e.get("event") == "start")
+    return [e["step"] for e in lines[last:] if "loss" in e]
 
 
 @pytest.fixture(scope="module")
 def ablation(env, tmp_path_factory):
-    """``sweep.py ablation`` with one seed, started as a command (its own local Ray, one trial at a time) and
-    killed (driver and its Ray, SIGKILL) while a trial trains after another trial finished; then the same
-    sweep finished with ``run_ablation(resume=True)`` on the suite's Ray. Returns both sweeps' results and
-    what the kill left behind."""
+    """``sweep.py ablation`` with one seed, started as a command (its own local Ray, two trials at a time) and
+    killed (driver and its Ray, SIGKILL) once a trial has finished and another is mid-training with a
+    recorded checkpoint; then the same sweep finished with ``run_ablation(resume=True)`` on the suite's Ray.
+    Returns both sweeps' results and what the kill left behind."""
     from sftok_platform.sweeps import run_ablation
+    # 4 CPUs: two trials (0.25 + 1 each) leave Ray Data's read tasks a CPU (with 3 they would wait forever)
     args = ["ablation", "--preset", "tiny", "--name", "abl", "--seeds", "0", "--steps", "1,2",
-            "--concurrency", "1", "--num-cpus", "3", *env["overrides"], *ABLATION_EXTRA]
+            "--concurrency", "2", "--num-cpus", "4", *env["overrides"], *ABLATION_EXTRA]
     child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     log = tmp_path_factory.mktemp("ablation-log") / "sweep.log"
     sweep_runs = Path(_cfg(env).run.root) / "sweeps" / "abl" / "runs"
-    finished = interrupted = None
+
+    def done(key: str) -> bool:
+        return (sweep_runs / key / "stages" / "stage2" / "done.json").is_file()
+
+    def mid_training(key: str) -> bool:
+        steps = _recorded_checkpoints(sweep_runs / key)
+        return bool(steps) and steps[-1] < ABLATION_STEPS and not done(key)
+
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, str(REPO / "experiments" / "sweep.py"), *args], cwd=REPO,
                                 env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 900
         try:
             while time.time() < deadline and proc.poll() is None:
-                done = [k for k in ABLATION_KEYS if (sweep_runs / k / "stages" / "stage2" / "done.json").is_file()]
-                for k in (k for k in ABLATION_KEYS if done and k not in done):
-                    # a checkpoint counts once Train V2 has recorded it in its snapshot (the step dir alone
-                    # appears earlier; a kill in between leaves nothing to resume from)
-                    snaps = list((sweep_runs / k / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
-                    if snaps and "step_" in snaps[0].read_text():
-                        finished, interrupted = done, k
-                        break
-                if interrupted:
+                if any(done(k) for k in ABLATION_KEYS) and any(mid_training(k) for k in ABLATION_KEYS):
                     break
-                time.sleep(0.5)
+                time.sleep(0.1)
         finally:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    killed = {"returncode": proc.returncode, "finished": finished, "interrupted": interrupted,
-              "log": log.read_text()[-3000:],
-              "interrupted_done": interrupted is not None
-              and (sweep_runs / interrupted / "stages" / "stage2" / "done.json").exists()}
-    if not interrupted:
-        pytest.fail(f"the sweep was not caught mid-trial: {killed}")
+    # the process group is dead: what it left is final
+    trials = {k: {"done": done(k), "checkpoints": _recorded_checkpoints(sweep_runs / k),
+                  "starts": len(_journal_starts(sweep_runs / k / "stages" / "stage2"))} for k in ABLATION_KEYS}
+    killed = {"returncode": proc.returncode, "trials": trials, "log": log.read_text()[-3000:]}
+    if not (any(t["done"] for t in trials.values()) and any(mid_training(k) for k in ABLATION_KEYS)):
+        pytest.fail(f"the sweep was not caught mid-trial after a finished trial: {killed}")
     cfg = _cfg(env, ABLATION_EXTRA)
     res, ds = run_ablation(cfg, name="abl", seeds=(0,), steps=(1, 2), resume=True, concurrency=2)
     return {"cfg": cfg, "res": res, "ds": ds, "killed": killed, "sweep_runs": sweep_runs}
@@ -247,10 +265,11 @@ def test_ablation_end_to_end(ablation):
         offset = cfg.stage1.steps if "-wu1-" in key else 0
         curve = [m.step for m in c.get_metric_history(run.info.run_id, "loss")]   # every stage-2 log step, on sweep_step
         expected = [offset + i for i in range(1, cfg.stage2.steps + 1)]
-        if key == ablation["killed"]["interrupted"]:
-            # SIGKILL may lose the last points before the kill, and the resumed run logs again the steps
-            # after its checkpoint: every step from the resume point on is there, nothing off the grid
-            resumed_at = _journal_starts(ablation["sweep_runs"] / key / "stages" / "stage2")[-1]["step"]
+        starts = _journal_starts(ablation["sweep_runs"] / key / "stages" / "stage2")
+        if len(starts) > 1:
+            # interrupted: SIGKILL may lose the last points before the kill, and the resumed run logs again
+            # the steps after its checkpoint: every step from the resume point on is there, none off the grid
+            resumed_at = starts[-1]["step"]
             assert set(curve) <= set(expected) and set(expected[resumed_at:]) <= set(curve), (key, curve)
         else:
             assert sorted(curve) == expected, (key, curve)
@@ -285,22 +304,32 @@ def test_ablation_end_to_end(ablation):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes(ablation):
-    """The ablation above was killed (driver and its local Ray, SIGKILL) while a trial trained, after another
-    had finished; ``--resume`` (run_ablation(resume=True)) kept the finished trial, continued the interrupted
-    one from its last checkpoint, ran the rest and completed the table, in the same MLflow runs."""
+    """The ablation above was killed (driver and its local Ray, SIGKILL) while trials trained, after one had
+    finished; ``--resume`` (run_ablation(resume=True)) kept the finished trials, continued the interrupted
+    ones from their last checkpoint (or from the start when they had none), ran the rest and completed the
+    table, in the same MLflow runs."""
     from sftok_platform import tracking
     from sftok_platform.sweeps import runs
     killed, res, cfg = ablation["killed"], ablation["res"], ablation["cfg"]
     sweep_runs = ablation["sweep_runs"]
     assert killed["returncode"] == -signal.SIGKILL, killed["log"]
-    assert killed["finished"] and not killed["interrupted_done"], killed
+    at_kill = killed["trials"]
+    assert any(t["done"] for t in at_kill.values()), killed
+    mid = [k for k, t in at_kill.items() if not t["done"] and t["checkpoints"] and t["checkpoints"][-1] < ABLATION_STEPS]
+    assert mid, killed
     assert [r["status"] for r in res.rows] == ["finished"] * 4
-    for key in killed["finished"]:                                                 # not trained again
-        assert len(_journal_starts(sweep_runs / key / "stages" / "stage2")) == 1, key
-    starts = _journal_starts(sweep_runs / killed["interrupted"] / "stages" / "stage2")
-    assert len(starts) == 2 and starts[1]["resumed"] and starts[1]["step"] >= 1    # continued, not restarted
-    for key in set(ABLATION_KEYS) - set(killed["finished"]) - {killed["interrupted"]}:   # never started before
-        assert len(_journal_starts(sweep_runs / key / "stages" / "stage2")) == 1, key
+    for key, before in at_kill.items():
+        stage = sweep_runs / key / "stages" / "stage2"
+        starts = _journal_starts(stage)
+        if before["done"]:                                   # finished before the kill: not trained again
+            assert len(starts) == before["starts"] == 1, (key, starts)
+        elif before["checkpoints"]:                          # interrupted: continued at its last checkpoint
+            last = before["checkpoints"][-1]
+            assert len(starts) == before["starts"] + 1 and starts[-1]["resumed"], (key, starts)
+            assert starts[-1]["step"] == last and _steps_after_last_start(stage) == list(range(last + 1, ABLATION_STEPS + 1))
+        else:                                                # not started, or started with nothing to resume
+            assert len(starts) == before["starts"] + 1 and (starts[-1]["step"], starts[-1]["resumed"]) == (0, False), (key, starts)
+            assert _steps_after_last_start(stage) == list(range(1, ABLATION_STEPS + 1))
     # the same MLflow runs: one sweep run, one run per trial
     c = tracking.client(res.tracking_uri)
     exp = tracking.ensure_experiment(cfg)
