@@ -415,3 +415,31 @@ def test_search_objective_from_the_command_line():
     assert objective(sweep.config_from_args(args)) == ("val_accuracy_8step", "max")
     with pytest.raises(ConfigError, match="search_objective"):
         load_config("tiny", ["eval.search_objective=psnr"])
+
+
+def test_replace_ratio_command_runs_the_grid_it_was_given(monkeypatch, capsys):
+    """``sweep.py replace-ratio`` hands its ratios, warm-up switch, seeds and resume flags to run_sweep (the
+    end-to-end sweep tests run the ``ablation`` command and run_sweep itself)."""
+    import types
+
+    import sftok_platform.sweeps as sweeps
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+    calls = []
+
+    def fake_run_sweep(kind, cfg, **kwargs):
+        calls.append((kind, cfg, kwargs))
+        return types.SimpleNamespace(name=kwargs["name"], rows=[{}, {}], seconds=1.0, parent_run_id="p",
+                                     tracking_uri="sqlite:///x.db", report_files={"markdown": "/r/summary.md"})
+
+    monkeypatch.setattr(sweeps, "run_sweep", fake_run_sweep)
+    assert sweep.main(["replace-ratio", "--preset", "tiny", "--name", "rr", "--ratios", "0,1", "--warmup", "off",
+                       "--seeds", "0,2", "--concurrency", "1", "--num-cpus", "3", "--resume", "stage2.steps=6"]) == 0
+    (kind, cfg, kwargs), = calls
+    assert kind == "replace-ratio" and cfg.stage2.steps == 6
+    assert kwargs["ratios"] == [0.0, 1.0] and kwargs["warmup"] == [False] and kwargs["seeds"] == [0, 2]
+    assert kwargs["name"] == "rr" and kwargs["resume"] and kwargs["concurrency"] == 1 and kwargs["num_cpus"] == 3.0
+    assert "sweep 'rr': 2 trials" in capsys.readouterr().out
