@@ -1,8 +1,9 @@
 """``ray job submit --working-dir .`` against a local head this test starts: the repository ships as the
 job's working dir, ``experiments/full_pipeline.py`` joins the cluster through ``RAY_ADDRESS`` and trains a
 stage. Teardown stops only this head (its processes are found by the head's private temp dir), never
-``ray stop`` for the whole machine, which would kill other people's clusters; in CI, where nothing else
-runs, a final ``ray stop --force`` is allowed as a safety net."""
+``ray stop``: that kills every Ray on the machine, including the suite's shared one that the pytest process
+is a driver of, and Ray's core worker then ends that process with exit code 1 and no pytest summary (what
+CI printed on 2026-12-07: 259 dots, then nothing)."""
 from __future__ import annotations
 
 import os
@@ -45,8 +46,6 @@ def stop_head(temp_dir: str) -> None:
         deadline = time.time() + grace
         while pids_using(temp_dir) and time.time() < deadline:
             time.sleep(0.5)
-    if os.environ.get("CI"):
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
 
 
 @pytest.fixture()
