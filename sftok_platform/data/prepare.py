@@ -225,6 +225,18 @@ def commit_shard(staging: str, out: str, shard: ShardPlan) -> dict[str, Any]:
             "sha256": file_sha256(final), "skipped": skipped, "converted": converted}
 
 
+def _cancel_commits(refs: list) -> None:
+    """Stop a wave's unfinished commit tasks when the driver fails (an error, Ctrl-C) and wait until they are
+    gone. A Ray that outlives the driver (a cluster, a notebook's Ray) would otherwise keep writing shards
+    while the rerun deletes the staging files under them and redoes the same shards (seen in the crash test:
+    a commit of the interrupted run left a temp shard behind the rerun's clean-up). A commit killed between
+    its write and its rename leaves a ``.tmp-*`` file, which the next run removes before it starts."""
+    import ray
+    for ref in refs:
+        ray.cancel(ref, force=True)
+    ray.wait(refs, num_returns=len(refs), timeout=60)
+
+
 # Test hook: called in the driver after each shard is recorded (tests inject a crash here).
 def _on_shard_committed(record: dict[str, Any]) -> None:
     pass
@@ -337,17 +349,21 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
             job.make_dataset(wave).write_parquet(str(staging), partition_cols=["shard"])
             t_pipe = time.time() - t_wave
             refs = {commit.remote(str(staging), str(out), s): s for s in wave}
-            while refs:
-                ready, _ = ray.wait(list(refs), num_returns=1)
-                shard = refs.pop(ready[0])
-                record = ray.get(ready[0])
-                manifest["splits"][shard.split]["shards"].append(record)
-                write_manifest(out, manifest)
-                done_files += len(shard.entries)
-                _on_shard_committed(record)
-                rate = done_files / max(time.time() - t0, 1e-9)
-                _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
-                            f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
+            try:
+                while refs:
+                    ready, _ = ray.wait(list(refs), num_returns=1)
+                    shard = refs.pop(ready[0])
+                    record = ray.get(ready[0])
+                    manifest["splits"][shard.split]["shards"].append(record)
+                    write_manifest(out, manifest)
+                    done_files += len(shard.entries)
+                    _on_shard_committed(record)
+                    rate = done_files / max(time.time() - t0, 1e-9)
+                    _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
+                                f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
+            except BaseException:
+                _cancel_commits(list(refs))
+                raise
             shutil.rmtree(staging, ignore_errors=True)
             _log(quiet, f"wave {wave_id}: {n} files, Ray Data pipeline {t_pipe:.1f} s, commit "
                         f"{time.time() - t_wave - t_pipe:.1f} s")
