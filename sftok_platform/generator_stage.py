@@ -42,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from PIL import Image
 
 from sftok_platform.config import Config, ConfigError
 
@@ -119,8 +120,9 @@ def run_stage4(cfg: Config, tokenizer_dir: str, shards: str, parent_run_id: Opti
         tracking.log_summary_metrics(cfg, run_id, metrics, step=cfg.generator.steps)
         c.set_tag(run_id, "sftok.gfid_label", label)
         c.set_tag(run_id, "sftok.export", str(paths.export))
-        c.log_artifact(run_id, str(grid), "images")
-        c.log_artifact(run_id, str(grid.with_suffix(".txt")), "images")
+        with Image.open(grid) as img:     # the UI's image view (``log_image``), labels beside it (not in images/)
+            c.log_image(run_id, img.convert("RGB"), key="stage4_samples", step=cfg.generator.steps)
+        c.log_artifact(run_id, str(grid.with_suffix(".txt")), "image_labels")
         c.log_artifact(run_id, str(paths.dir / "samples.npz"), "samples")
         out = {**metrics, "gfid_label": label, "export": str(paths.export)}
         (paths.dir / "final_metrics.json").write_text(json.dumps(out, indent=2))

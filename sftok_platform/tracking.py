@@ -301,7 +301,8 @@ class StageLogger:
     def image_grid(self, rows: Iterable, labels: Iterable[str], name: str, step: int) -> Optional[Path]:
         """A PNG grid (one row per tensor batch [B,3,H,W] in [0,1]) as an MLflow image under key ``name`` at
         ``step`` (``mlflow.log_image``: the UI's image step slider), plus its row labels as
-        ``images/<name>.txt``."""
+        ``image_labels/<name>.txt``. The labels stay out of ``images/``: the UI reads that folder as
+        ``log_image`` files only, and one other file there hides every image of the run (seen in Chromium)."""
         if not self.enabled:
             return None
         from PIL import Image
@@ -310,7 +311,7 @@ class StageLogger:
             path = save_image_grid(rows, labels, Path(d) / f"{name}.png")
             with Image.open(path) as img:
                 self._mlflow.log_image(img.convert("RGB"), key=name, step=int(step), synchronous=True)
-            self._mlflow.log_artifact(str(path.with_suffix(".txt")), artifact_path="images")
+            self._mlflow.log_artifact(str(path.with_suffix(".txt")), artifact_path="image_labels")
         return path
 
     def close(self, status: str = "FINISHED") -> None:

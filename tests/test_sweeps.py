@@ -303,6 +303,35 @@ def test_ablation_end_to_end(ablation):
 
 
 @pytest.mark.slow
+def test_the_mlflow_ui_shows_the_sweep_comparison(ablation):
+    """The ablation as a user sees it in a browser (headless Chromium on ``mlflow ui``): the sweep run's
+    report table rendered from its artifacts, its plot served, and the four trials side by side on the
+    compare page with their parameters and metrics. Skips where Chromium is not installed."""
+    from mlflow_ui import MlflowUI, chromium
+    from sftok_platform import tracking
+    from sftok_platform.sweeps import runs
+    chromium()
+    cfg, res = ablation["cfg"], ablation["res"]
+    c = tracking.client(res.tracking_uri)
+    exp_id = c.get_run(res.parent_run_id).info.experiment_id
+    trials = runs.trial_runs(cfg, res.parent_run_id)
+    with MlflowUI(res.tracking_uri) as ui:
+        html = ui.page(f"#/experiments/{exp_id}/runs/{res.parent_run_id}/artifacts/report/summary.md", "val CE (1-step)")
+        assert "val CE (1-step)" in html and "SFVR" in html and "metric_vs_replace_ratio.png" in html
+        assert ui.get(f"get-artifact?path=report%2Fmetric_vs_replace_ratio.png&run_uuid={res.parent_run_id}")[:8] \
+            == b"\x89PNG\r\n\x1a\n"
+
+        ids = ",".join(f'"{run.info.run_id}"' for run in trials.values())
+        html = ui.page(f'#/compare-runs?runs=[{ids}]&experiments=["{exp_id}"]', ">ce_masked<")
+        assert "Comparing 4 Runs" in html
+        for run in trials.values():
+            assert f">{run.info.run_name}<" in html, run.info.run_name
+        # the parameter the ablation varies, and metric rows (the table is virtualised: the alphabetically
+        # first rows are in the DOM, the val_* rows further down are not)
+        assert ">stage2.replace_prob<" in html and ">accuracy<" in html and ">ce_masked<" in html
+
+
+@pytest.mark.slow
 def test_interrupted_sweep_resumes(ablation):
     """The ablation above was killed (driver and its local Ray, SIGKILL) while trials trained, after one had
     finished; ``--resume`` (run_ablation(resume=True)) kept the finished trials, continued the interrupted

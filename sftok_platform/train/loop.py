@@ -325,6 +325,11 @@ def train_loop_per_worker(config: dict) -> None:
             step_sums: dict[str, float] = {}
             for i in range(accum):
                 batch = next(batches)
+                if step == 0 and i == 0 and rank == 0 and cfg.train.image_every:
+                    # the grid before training, at step 0: MLflow's image view opens at step 0 and shows "No
+                    # image logged at this step" for a key whose first step is later (MLflow 3.17, Chromium)
+                    _log_progress_grid(task, log, stage, batch, 0)
+                    step_module.train()
                 sync = (step_module.no_sync() if (i < accum - 1 and hasattr(step_module, "no_sync"))
                         else contextlib.nullcontext())
                 with sync:
