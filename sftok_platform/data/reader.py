@@ -96,8 +96,9 @@ def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 25
             raise DataError(f"{shards_dir} has no proxy codes: run `python -m sftok_platform.data proxy-codes "
                             f"{shards_dir} --teacher <maskgit-vqgan .bin>` or set data.use_proxy_codes=false.")
         columns.append(PROXY_CODES_COLUMN)
-    ds = ray.data.read_parquet(files, columns=columns,
-                               shuffle=FileShuffleConfig(seed=seed) if train else None)
+    # select_columns, not read_parquet(columns=) (deprecated in Ray 2.60): Ray Data pushes the projection
+    # into the Parquet read, so the unused columns are still not read
+    ds = ray.data.read_parquet(files, shuffle=FileShuffleConfig(seed=seed) if train else None).select_columns(columns)
     if limit is not None:
         ds = ds.limit(limit)
     augment = train and not proxy_codes
