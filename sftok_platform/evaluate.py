@@ -129,7 +129,7 @@ class BatchEvaluator:
         self.steps = [int(s) for s in steps]
         self.temperature, self.seed, self.assignment = float(temperature), int(seed), assignment
         # the best constant prediction (mean train image, [3,S,S]): its PSNR is the baseline to beat
-        self.mean_image = None if mean_image is None else torch.as_tensor(
+        self.mean_image = None if mean_image is None else torch.tensor(      # a copy: Ray hands read-only arrays
             np.asarray(mean_image), dtype=torch.float32).to(self.device)
 
     @torch.no_grad()

@@ -28,6 +28,7 @@ from typing import Optional
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 
 TASKS = ("tokenize", "reconstruct")
 DEFAULT_PARAMS = {"task": "tokenize", "steps": 8}
@@ -69,8 +70,9 @@ class SFTokPyfunc(mlflow.pyfunc.PythonModel):
             self.teacher = load_teacher_dir(path) if path.is_dir() else load_teacher(path).eval()
         self.image_size = int(self.model.cfg.image_size)
 
-    def predict(self, context, model_input, params: Optional[dict] = None):
-        import pandas as pd
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict] = None) -> pd.DataFrame:
+        # the DataFrame hint is one MLflow takes as "validate by the logged signature" (no schema from the
+        # hint); without any hint MLflow warns at every load that type hints are missing
         import torch
 
         from sftok_platform.data.transforms import eval_transform, to_chw_float
@@ -136,8 +138,18 @@ def save_pyfunc(export_dir: str | os.PathLike, path: str | os.PathLike, *,
             src = Path(teacher_dir)                  # a stage-0 export dir, or the official weights file
             dst = Path(staging) / ("teacher" if src.is_dir() else f"teacher{src.suffix}")
             artifacts["teacher"] = str(shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst))
-        mlflow.pyfunc.save_model(path=str(path), python_model=str(entry), artifacts=artifacts,
-                                 signature=signature, input_example=example, pip_requirements=_requirements())
+        # no "Downloading artifacts" progress bar on the pipeline's console: MLflow copies the artifacts
+        # into a temp dir to validate the input example (a local copy of two small folders)
+        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+        try:
+            mlflow.pyfunc.save_model(path=str(path), python_model=str(entry), artifacts=artifacts,
+                                     signature=signature, input_example=example, pip_requirements=_requirements())
+        finally:
+            if bar is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     return Path(path)
 
 

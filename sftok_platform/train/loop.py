@@ -75,12 +75,14 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def quiet_ray_train_reports() -> None:
+def quiet_worker_console() -> None:
     """Ray Train V2 logs every ``ray.train.report`` as an INFO line ("Reporting training result N:
     TrainingReport(...)") through a logger named after its source file, which ``LoggingConfig`` does not
     reach; on the console those lines drown the stage's own progress lines. The same figures are in MLflow
-    and in those progress lines, so that one logger is raised to WARNING in each worker."""
+    and in those progress lines, so that one logger is raised to WARNING in each worker, and so is MLflow's
+    system-metrics logger (two INFO lines per stage: "Skip logging GPU metrics", "Started monitoring")."""
     import logging
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
     try:
         from ray.train.v2._internal.execution import context
     except ImportError:           # another Ray layout: leave its logging alone
@@ -229,7 +231,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    quiet_ray_train_reports()
+    quiet_worker_console()
     cfg = config_from_dict(config["cfg"])
     stage = config["stage"]
     st = stage_optim_config(cfg, stage)
