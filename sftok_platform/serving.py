@@ -124,6 +124,7 @@ def save_pyfunc(export_dir: str | os.PathLike, path: str | os.PathLike, *,
 
     import shutil
     import tempfile
+    from unittest.mock import patch
     example = pd.DataFrame({"image": [example_image()]})
     signature = infer_signature(example)
     signature.outputs = Schema([ColSpec(Array(DataType.long), "tokens")])
@@ -140,16 +141,9 @@ def save_pyfunc(export_dir: str | os.PathLike, path: str | os.PathLike, *,
             artifacts["teacher"] = str(shutil.copytree(src, dst) if src.is_dir() else shutil.copy(src, dst))
         # no "Downloading artifacts" progress bar on the pipeline's console: MLflow copies the artifacts
         # into a temp dir to validate the input example (a local copy of two small folders)
-        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
-        try:
+        with patch.dict(os.environ, {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}):
             mlflow.pyfunc.save_model(path=str(path), python_model=str(entry), artifacts=artifacts,
                                      signature=signature, input_example=example, pip_requirements=_requirements())
-        finally:
-            if bar is None:
-                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-            else:
-                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     return Path(path)
 
 

@@ -52,11 +52,11 @@ class MlflowUI:
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
 
     def __enter__(self) -> "MlflowUI":
-        log = open(Path(self.profile) / "mlflow-ui.log", "w")
+        self.log = open(Path(self.profile) / "mlflow-ui.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", self.tracking_uri,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -76,6 +76,7 @@ class MlflowUI:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
+        self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def page(self, fragment: str, *wait_for: str, budget_ms: int = 60000, loads: int = 3) -> str:

@@ -307,10 +307,9 @@ def test_the_mlflow_ui_shows_the_sweep_comparison(ablation):
     """The ablation as a user sees it in a browser (headless Chromium on ``mlflow ui``): the sweep run's
     report table rendered from its artifacts, its plot served, and the four trials side by side on the
     compare page with their parameters and metrics. Skips where Chromium is not installed."""
-    from mlflow_ui import MlflowUI, chromium
+    from mlflow_ui import MlflowUI
     from sftok_platform import tracking
     from sftok_platform.sweeps import runs
-    chromium()
     cfg, res = ablation["cfg"], ablation["res"]
     c = tracking.client(res.tracking_uri)
     exp_id = c.get_run(res.parent_run_id).info.experiment_id

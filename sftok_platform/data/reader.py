@@ -83,12 +83,8 @@ def read_split(shards_dir: str, split: str, *, train: bool, image_size: int = 25
     store and to the GPU; ``iter_train_batches`` then converts them to float32 in [0,1] on the device.
     """
     import ray
-    from ray.data import DataContext, FileShuffleConfig
+    from ray.data import FileShuffleConfig
 
-    # the context travels with the dataset to Train's SplitCoordinator: no "Starting execution of Dataset" /
-    # "Execution plan" INFO pair on the console for every epoch of every stage (the one-line "execution
-    # finished in N s" remains)
-    DataContext.get_current().print_on_execution_start = False
     manifest = load_manifest(shards_dir)
     files = [p for p, s in zip(shard_paths(shards_dir, split, manifest), manifest["splits"][split]["shards"])
              if s["rows"] > 0]

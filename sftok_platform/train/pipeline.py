@@ -241,6 +241,11 @@ def run_stage(cfg: Config, stage: str, *, shards: str, parent_run_id: Optional[s
     resources = connect(cfg)
     check_resources(cfg, resources)
     resolve_tracking_uri(cfg)
+    # the driver's Ray Data context travels with the datasets made below to Train's SplitCoordinator: no
+    # "Starting execution of Dataset" / "Execution plan" INFO pair on the console for every epoch of every
+    # stage (the one-line "execution finished in N s" remains)
+    from ray.data import DataContext
+    DataContext.get_current().print_on_execution_start = False
     rdir.mkdir(parents=True, exist_ok=True)
     if not (rdir / "config.yaml").is_file():
         cfg.save(rdir / "config.yaml")
