@@ -49,6 +49,13 @@ def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return scores.softmax(dim=-1) @ v
 
 
+def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over [B, heads, L, d] with the kernel :func:`attention_impl` selected."""
+    if _ATTENTION_IMPL == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    return _math_attention(q, k, v)
+
+
 class Attention(nn.Module):
     """Bidirectional multi-head self-attention with ``nn.MultiheadAttention``'s parameter layout.
 
@@ -72,10 +79,7 @@ class Attention(nn.Module):
         B, L, W = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
-        if _ATTENTION_IMPL == "sdpa":
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            out = _math_attention(q, k, v)
+        out = attention_kernel(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(B, L, W))
 
 
