@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     prep.add_argument("--unlabeled", action="store_true", help="ignore folders as classes (label -1)")
     prep.add_argument("--val-fraction", type=float, default=0.0,
                       help="hold out this fraction of a single-split source as 'val' (by path hash)")
-    prep.add_argument("--wave-images", type=int, default=None, help="files per Ray Data wave (default auto)")
+    prep.add_argument("--wave-images", type=int, default=None, help="at most this many files per Ray Data pipeline (default: all pending shards in one)")
     prep.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or a local one)")
     prep.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
     prep.add_argument("--quiet", action="store_true")

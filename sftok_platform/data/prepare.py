@@ -10,20 +10,23 @@ How a prep runs
 2. **Guard**: the output's ``manifest.json`` (written before any other file) holds the source fingerprint
    and the options. A different data set or different options in ``--out`` is an error before work starts;
    a missing/empty source too.
-3. **Waves**: pending shards are processed a wave at a time (about one shard per CPU of the cluster). A
-   wave is one Ray Data pipeline: ``read_binary_files(include_paths=True)`` (original encoded bytes) ->
-   ``map_batches`` (full decode to validate; convert or skip, see ``validate.py``) ->
-   ``write_parquet(partition_cols=["shard"])`` into ``_staging/``. Skipped files travel as rows with a
-   reason, so every planned file comes out of the pipeline exactly once.
-4. **Commit** (one Ray task per shard): gather the shard's staging parts, check that they hold exactly the
-   planned files, order rows by path hash (classes interleaved, so the reader's local shuffle buffer
-   sees every class even in a data set of one or two shards), write ``<name>.parquet.tmp-*``, fsync, ``os.replace`` to the final
-   name, and record rows, size, sha256 and the skipped/converted files in the manifest (also replaced
-   atomically).
+3. **Waves** of pending shards (``wave_images`` files at most; by default all of them at once): one Ray Data
+   pipeline per wave, ``from_items`` with **one row per shard** (its planned files) -> ``map`` (one task per
+   shard): read each file's original bytes, full decode to validate (convert or skip, see
+   ``validate.py``), order rows by path hash (classes interleaved, so the reader's local shuffle buffer
+   sees every class even in a data set of one or two shards), write ``<name>.parquet.tmp-*``, fsync,
+   ``os.replace`` to the final name; the task returns the shard's record (rows, size, sha256, the
+   skipped/converted files), which the driver adds to the manifest (replaced atomically) as shards finish.
+
+   A shard is the unit of work because its file must hold exactly its planned rows under a deterministic
+   name: Ray Data's ``write_parquet`` names files per task and would need a second pass (stage, then gather
+   per shard), which cost a whole extra write and read of every image (measured: the prep spent 2.9x the
+   CPU of a single-process loop per image; one pass: see BENCHMARKS.md, "Data preparation").
 
 Why this is crash-safe: a shard either has its final file *and* a manifest record, or it is redone from its
 source files. Final names are deterministic and written by rename, so a redo replaces rather than duplicates,
-and a crash mid-write leaves only temp files and staging parts, which the next run deletes before it starts.
+and a crash mid-write leaves only temp files, which the next run deletes before it starts (a shard task
+that is cancelled mid-write deletes its own).
 Rerunning after a crash therefore ends with every image exactly once; rerunning a finished prep finds every
 shard recorded and does nothing. (Ray Data's own checkpointing, ``CheckpointConfig(id_column=...)``, is
 beta, can leave partial files behind on a hard kill, and does not give deterministic file names.)
@@ -31,6 +34,7 @@ beta, can leave partial files behind on a hard kill, and does not give determini
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -50,15 +54,14 @@ from .manifest import (KIND, SCHEMA_VERSION, DataError, file_sha256, fingerprint
 from .sources import Entry, scan_source
 from .validate import CheckOptions, check_image
 
-STAGING = "_staging"
+STAGING = "_staging"         # written by versions before 2026-12-07 (stage + gather); removed if found
 ROW_GROUP_SIZE = 256        # ~30 MB of ImageNet JPEGs: bounded reader memory, far below Parquet's 2 GiB limit
 TARGET_SHARD_BYTES = 160e6  # aim: 100-250 MB per shard (PLATFORM P17)
 MIN_SHARD_IMAGES, MAX_SHARD_IMAGES = 1000, 2000
 
 SHARD_SCHEMA = pa.schema([("image_bytes", pa.binary()), ("label", pa.int64()), ("path", pa.string()),
                           ("width", pa.int32()), ("height", pa.int32())])
-_STAGE_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [("shard", pa.string()), ("skip_reason", pa.string()),
-                                                 ("note", pa.string())])
+_STAGE_SCHEMA = pa.schema(list(SHARD_SCHEMA) + [("skip_reason", pa.string()), ("note", pa.string())])
 
 
 # ######################################################################################################
@@ -100,13 +103,13 @@ def auto_shard_size(avg_bytes: float) -> int:
 
 @dataclass
 class PrepJob:
-    """What to prepare: the planned rows and how to turn a wave of shards into a Ray Dataset of rows."""
+    """What to prepare: the planned rows and how one shard's planned files become rows."""
     source: dict[str, Any]
     options: dict[str, Any]
     classes: list[dict]
     splits: dict[str, list[Entry]]
     scan_skipped: dict[str, list[dict]]
-    make_dataset: Callable[[list[ShardPlan]], Any]
+    make_rows: Callable[[list[str], list[int]], pa.Table]   # (relpaths, labels) -> _STAGE_SCHEMA rows
 
 
 # ######################################################################################################
@@ -117,124 +120,89 @@ def _norm(path: str) -> str:
     return os.path.normpath(path.split("://", 1)[-1])
 
 
-class _ValidateBatch:
-    """map_batches fn: (bytes, path) rows -> shard rows (+ shard, skip_reason, note)."""
+class _FileRows:
+    """A shard's planned files -> rows: original bytes, fully decoded to validate (convert or skip)."""
 
-    def __init__(self, info: dict[str, tuple[str, int, str]], opts: CheckOptions):
-        self.info, self.opts = info, opts
+    def __init__(self, root: str, opts: CheckOptions):
+        self.root, self.opts = root, opts
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, relpaths: list[str], labels: list[int]) -> pa.Table:
         cols = {k: [] for k in _STAGE_SCHEMA.names}
-        for data, path in zip(batch.column("bytes").to_pylist(), batch.column("path").to_pylist()):
-            relpath, label, shard = self.info[_norm(path)]
+        for relpath, label in zip(relpaths, labels):
+            try:
+                with open(os.path.join(self.root, relpath), "rb") as f:
+                    data = f.read()
+            except OSError as e:                       # vanished or unreadable since the scan: skipped, reported
+                data = f"unreadable: {e}".encode()
             checked = check_image(data, self.opts)
             for k, v in (("image_bytes", checked.data), ("label", label), ("path", relpath),
-                         ("width", checked.width), ("height", checked.height), ("shard", shard),
+                         ("width", checked.width), ("height", checked.height),
                          ("skip_reason", checked.skip_reason), ("note", checked.note)):
                 cols[k].append(v)
         return pa.table(cols, schema=_STAGE_SCHEMA)
 
 
-class _RenderBatch:
-    """map_batches fn: (index, split, relpath, shard) items -> synthetic shard rows."""
+class _SyntheticRows:
+    """A shard's planned synthetic entries -> rendered JPEG rows (deterministic in seed, split and index)."""
 
     def __init__(self, seed: int, size: int):
         self.seed, self.size = seed, size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, relpaths: list[str], labels: list[int]) -> pa.Table:
         cols = {k: [] for k in _STAGE_SCHEMA.names}
-        for index, split, relpath, shard in zip(*(batch.column(c).to_pylist()
-                                                  for c in ("index", "split", "relpath", "shard"))):
+        for relpath in relpaths:
+            split, index = synthetic.parse_relpath(relpath)
             data, label = synthetic.render_jpeg(index, seed=self.seed, split=split, size=self.size)
             for k, v in (("image_bytes", data), ("label", label), ("path", relpath), ("width", self.size),
-                         ("height", self.size), ("shard", shard), ("skip_reason", ""), ("note", "")):
+                         ("height", self.size), ("skip_reason", ""), ("note", "")):
                 cols[k].append(v)
         return pa.table(cols, schema=_STAGE_SCHEMA)
 
 
-def _num_blocks(n: int, per_block: int = 256) -> int:
-    """Read tasks per wave: at least two per CPU (load balance), at most ``per_block`` files each (memory).
+class _BuildShard:
+    """Ray Data ``map`` fn: one shard row (name, file, planned relpaths and labels) -> its final Parquet file
+    in ``out``; returns ``{"record": <manifest record as JSON>}``."""
 
-    Few large tasks matter: every Ray task costs scheduling and a process hop, which dominates on a small or
-    busy machine, and every (task, shard) pair becomes one staging file for the commit to gather.
-    """
-    import ray
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    return max(1, min(n, max(2 * cpus, math.ceil(n / per_block))))
+    def __init__(self, make_rows: Callable[[list[str], list[int]], pa.Table], out: str):
+        self.make_rows, self.out = make_rows, out
 
-
-def _files_dataset(root: str, opts: CheckOptions) -> Callable[[list[ShardPlan]], Any]:
-    def make(wave: list[ShardPlan]):
-        import ray
-        info, paths = {}, []
-        for shard in wave:
-            for e in shard.entries:
-                p = os.path.join(root, e.relpath)
-                info[_norm(p)] = (e.relpath, e.label, shard.name)
-                paths.append(p)
-        ds = ray.data.read_binary_files(paths, include_paths=True, override_num_blocks=_num_blocks(len(paths)))
-        # batch_size=None: one call per read block, which lets Ray fuse Read->MapBatches->Write into one task
-        return ds.map_batches(_ValidateBatch(info, opts), batch_size=None, batch_format="pyarrow")
-    return make
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        import json
+        relpaths, labels = list(row["relpaths"]), [int(x) for x in row["labels"]]
+        record = write_shard(self.out, row["name"], row["file"], self.make_rows(relpaths, labels), set(relpaths))
+        return {"record": json.dumps(record)}
 
 
-def _synthetic_dataset(seed: int, size: int) -> Callable[[list[ShardPlan]], Any]:
-    def make(wave: list[ShardPlan]):
-        import ray
-        items = [{"index": int(e.relpath.rsplit("/", 1)[1].split(".")[0]), "split": s.split,
-                  "relpath": e.relpath, "shard": s.name} for s in wave for e in s.entries]
-        ds = ray.data.from_items(items, override_num_blocks=_num_blocks(len(items)))
-        return ds.map_batches(_RenderBatch(seed, size), batch_size=None, batch_format="pyarrow")
-    return make
-
-
-# ######################################################################################################
-# Commit (a Ray task per shard)
-# ######################################################################################################
-
-def commit_shard(staging: str, out: str, shard: ShardPlan) -> dict[str, Any]:
-    """Staging parts of one shard -> its final Parquet file, atomically. Returns the manifest record."""
-    part_dir = Path(staging) / f"shard={shard.name}"
-    parts = sorted(part_dir.glob("*.parquet")) if part_dir.is_dir() else []
-    tables = [pq.ParquetFile(p).read() for p in parts]
-    table = pa.concat_tables(tables, promote_options="default") if tables else _STAGE_SCHEMA.empty_table()
+def write_shard(out: str, name: str, file: str, table: pa.Table, expected: set[str]) -> dict[str, Any]:
+    """A shard's rows (``_STAGE_SCHEMA``) -> its final Parquet file, atomically. Returns the manifest record."""
     paths = table.column("path").to_pylist()
-    expected = {e.relpath for e in shard.entries}
     if len(paths) != len(expected) or set(paths) != expected:
         missing, extra = sorted(expected - set(paths)), sorted(set(paths) - expected)
-        raise DataError(f"shard {shard.name}: staging holds {len(paths)} rows for {len(expected)} planned files "
+        raise DataError(f"shard {name}: {len(paths)} rows for {len(expected)} planned files "
                         f"(missing {missing[:3]}, unexpected {extra[:3]}); rerun the prep to redo it.")
     reasons, notes = table.column("skip_reason").to_pylist(), table.column("note").to_pylist()
     skipped = sorted(({"path": p, "reason": r} for p, r in zip(paths, reasons) if r), key=lambda x: x["path"])
     converted = sorted(({"path": p, "reason": n} for p, n, r in zip(paths, notes, reasons) if n and not r),
                        key=lambda x: x["path"])
-    keep = pa.array([not r for r in reasons])
+    keep = pa.array([not r for r in reasons], type=pa.bool_())
     rows = table.filter(keep).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
     kept_paths = rows.column("path").to_pylist()
     rows = rows.take(sorted(range(len(kept_paths)), key=lambda i: _path_hash(kept_paths[i])))
 
-    final = Path(out) / shard.file
+    final = Path(out) / file
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     compression = {"image_bytes": "none", "label": "zstd", "path": "zstd", "width": "zstd", "height": "zstd"}
-    pq.write_table(rows, tmp, row_group_size=ROW_GROUP_SIZE, compression=compression)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    return {"name": shard.name, "file": shard.file, "rows": rows.num_rows, "bytes": final.stat().st_size,
+    try:
+        pq.write_table(rows, tmp, row_group_size=ROW_GROUP_SIZE, compression=compression)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:          # an error, or Ray cancelling this task (the driver failed): no debris
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"name": name, "file": file, "rows": rows.num_rows, "bytes": final.stat().st_size,
             "sha256": file_sha256(final), "skipped": skipped, "converted": converted}
-
-
-def _cancel_commits(refs: list) -> None:
-    """Stop a wave's unfinished commit tasks when the driver fails (an error, Ctrl-C) and wait until they are
-    gone. A Ray that outlives the driver (a cluster, a notebook's Ray) would otherwise keep writing shards
-    while the rerun deletes the staging files under them and redoes the same shards (seen in the crash test:
-    a commit of the interrupted run left a temp shard behind the rerun's clean-up). A commit killed between
-    its write and its rename leaves a ``.tmp-*`` file, which the next run removes before it starts."""
-    import ray
-    for ref in refs:
-        ray.cancel(ref, force=True)
-    ray.wait(refs, num_returns=len(refs), timeout=60)
 
 
 # Test hook: called in the driver after each shard is recorded (tests inject a crash here).
@@ -321,7 +289,7 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
     manifest["complete"] = False
     out.mkdir(parents=True, exist_ok=True)
     write_manifest(out, manifest)                     # first file in --out: marks it as ours
-    shutil.rmtree(out / STAGING, ignore_errors=True)  # leftovers of a crashed run
+    shutil.rmtree(out / STAGING, ignore_errors=True)  # an older version's leftovers
     for split in plans:
         for stale in (out / split).glob(".*.tmp-*") if (out / split).is_dir() else []:
             stale.unlink()
@@ -332,42 +300,35 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
         import ray
         from ray.data import DataContext
         DataContext.get_current().enable_progress_bars = not quiet
-        commit = ray.remote(num_cpus=0.5, max_retries=2)(commit_shard)
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        wave_images = wave_images or max(4096, cpus * shard_size)
         total = sum(len(s.entries) for s in todo)
-        _log(quiet, f"{len(todo)} shards ({total} files) to prepare into {out}; {cpus} CPUs, waves of "
-                    f"<= {wave_images} files")
-        t0, done_files, wave_id = time.time(), 0, 0
+        wave_images = wave_images or total
+        _log(quiet, f"{len(todo)} shards ({total} files) to prepare into {out}; {cpus} CPUs, one task per shard"
+                    + (f", waves of <= {wave_images} files" if wave_images < total else ""))
+        build = _BuildShard(job.make_rows, str(out))
+        t0, done_files = time.time(), 0
         while todo:
             wave, n = [], 0
             while todo and (not wave or n + len(todo[0].entries) <= wave_images):
                 n += len(todo[0].entries)
                 wave.append(todo.pop(0))
-            staging = out / STAGING / f"wave-{wave_id:05d}"
-            t_wave = time.time()
-            job.make_dataset(wave).write_parquet(str(staging), partition_cols=["shard"])
-            t_pipe = time.time() - t_wave
-            refs = {commit.remote(str(staging), str(out), s): s for s in wave}
-            try:
-                while refs:
-                    ready, _ = ray.wait(list(refs), num_returns=1)
-                    shard = refs.pop(ready[0])
-                    record = ray.get(ready[0])
-                    manifest["splits"][shard.split]["shards"].append(record)
-                    write_manifest(out, manifest)
-                    done_files += len(shard.entries)
-                    _on_shard_committed(record)
-                    rate = done_files / max(time.time() - t0, 1e-9)
-                    _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
-                                f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
-            except BaseException:
-                _cancel_commits(list(refs))
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-            _log(quiet, f"wave {wave_id}: {n} files, Ray Data pipeline {t_pipe:.1f} s, commit "
-                        f"{time.time() - t_wave - t_pipe:.1f} s")
-            wave_id += 1
+            by_name = {s.name: s for s in wave}
+            items = [{"name": s.name, "file": s.file, "relpaths": [e.relpath for e in s.entries],
+                      "labels": [e.label for e in s.entries]} for s in wave]
+            # one block per shard, so that each shard is one task (Ray Data retries a task whose worker died)
+            ds = ray.data.from_items(items, override_num_blocks=len(items)).map(build)
+            # leaving this loop early (an error, Ctrl-C) shuts the pipeline down and cancels its running
+            # shard tasks; a task cancelled mid-write deletes its temp file (write_shard)
+            for row in ds.iter_rows():
+                record = json.loads(row["record"])
+                shard = by_name[record["name"]]
+                manifest["splits"][shard.split]["shards"].append(record)
+                write_manifest(out, manifest)
+                done_files += len(shard.entries)
+                _on_shard_committed(record)
+                rate = done_files / max(time.time() - t0, 1e-9)
+                _log(quiet, f"{shard.file}: {record['rows']} rows, {len(record['skipped'])} skipped | "
+                            f"{done_files}/{total} files, {rate:.0f} files/s, ETA {_fmt_eta((total - done_files) / rate)}")
 
     _finalize(manifest)
     write_manifest(out, manifest)
@@ -406,7 +367,7 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, resize: int | 
                 "num_files": {k: len(v) for k, v in plan.splits.items()}},
         options={"resize": resize, "min_size": min_size, "max_pixels": max_pixels, "shard_size": shard_size},
         classes=plan.classes, splits=plan.splits, scan_skipped=plan.scan_skipped,
-        make_dataset=_files_dataset(plan.root, opts))
+        make_rows=_FileRows(plan.root, opts))
     return run_job(job, out, shard_size=shard_size, wave_images=wave_images, quiet=quiet, address=address,
                    num_cpus=num_cpus)
 
@@ -428,7 +389,7 @@ def prepare_synthetic(out: str | os.PathLike, num_images: int, *, num_val: int |
         options={"seed": seed, "image_size": image_size, "shard_size": shard_size,
                  "generator": f"synthetic-v1/{len(synthetic.CLASSES)}-classes"},
         classes=synthetic.classes(), splits=splits, scan_skipped={},
-        make_dataset=_synthetic_dataset(seed, image_size))
+        make_rows=_SyntheticRows(seed, image_size))
     return run_job(job, out, shard_size=shard_size, wave_images=wave_images, quiet=quiet, address=address,
                    num_cpus=num_cpus)
 

@@ -149,5 +149,11 @@ def relpath(split: str, index: int) -> str:
     return f"{split}/{CLASSES[index % len(CLASSES)]}/{index:08d}.jpg"
 
 
+def parse_relpath(relpath: str) -> tuple[str, int]:
+    """The (split, index) that :func:`relpath` encoded."""
+    split, _, name = relpath.split("/")
+    return split, int(name.split(".")[0])
+
+
 def classes() -> list[dict]:
     return [{"index": i, "wnid": name, "name": name} for i, name in enumerate(CLASSES)]
