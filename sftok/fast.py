@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sftok.blocks import Attention, attention_kernel
@@ -104,6 +103,9 @@ def fast_inference(model, *, int8: bool = True, bf16_pixel: bool | None = None):
     with ``torch._int_mm``; x86 with VNNI is where it pays). ``bf16_pixel``: the pixel decoder in bf16,
     channels-last (default: where :func:`native_bf16`). Decoding still samples from fp32 logits.
     """
+    if int8 and not hasattr(torch, "_int_mm"):
+        raise RuntimeError(f"torch {torch.__version__} has no torch._int_mm (int8 matmul); use "
+                           "fast_inference(model, int8=False) for the bf16 pixel decoder alone.")
     fast = copy.deepcopy(model).eval()
     bf16_pixel = native_bf16() if bf16_pixel is None else bf16_pixel
     if int8:
