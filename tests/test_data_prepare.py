@@ -290,11 +290,12 @@ def test_synthetic_set(ray_local, tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_killed_process(prepared, imagenet, tmp_path):
-    """SIGKILL a real `prepare` process (its whole process group, Ray included) mid-run, then finish it."""
-    import signal
+    """SIGKILL a real `prepare` process (and its Ray, workers included) mid-run, then finish it."""
     import subprocess
     import sys
     import time
+
+    from processes import kill_with_ray
     ref_out, ref_manifest, expected = prepared
     root, _ = imagenet
     out = tmp_path / "killed"
@@ -309,9 +310,7 @@ def test_resume_after_killed_process(prepared, imagenet, tmp_path):
                 break
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_with_ray(proc)          # the prep, its Ray and the Ray's workers (they are not in its group)
     partial = read_manifest(str(out))
     assert partial is not None and not partial["complete"], "the prep finished before it could be killed"
     manifest = prepare(root, out, shard_size=5, quiet=True)

@@ -203,6 +203,7 @@ def ablation(env, tmp_path_factory):
     killed (driver and its Ray, SIGKILL) once a trial has finished and another is mid-training with a
     recorded checkpoint; then the same sweep finished with ``run_ablation(resume=True)`` on the suite's Ray.
     Returns both sweeps' results and what the kill left behind."""
+    from processes import kill_with_ray
     from sftok_platform.sweeps import run_ablation
     # 4 CPUs: two trials (0.25 + 1 each) leave Ray Data's read tasks a CPU (with 3 they would wait forever)
     args = ["ablation", "--preset", "tiny", "--name", "abl", "--seeds", "0", "--steps", "1,2",
@@ -228,9 +229,8 @@ def ablation(env, tmp_path_factory):
                     break
                 time.sleep(0.1)
         finally:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    # the process group is dead: what it left is final
+            kill_with_ray(proc)
+    # the sweep and every process of its Ray are dead: what they left is final
     trials = {k: {"done": done(k), "checkpoints": _recorded_checkpoints(sweep_runs / k),
                   "starts": len(_journal_starts(sweep_runs / k / "stages" / "stage2"))} for k in ABLATION_KEYS}
     killed = {"returncode": proc.returncode, "trials": trials, "log": log.read_text()[-3000:]}
