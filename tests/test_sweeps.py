@@ -181,14 +181,11 @@ ABLATION_KEYS = ["rp0-wu1-s0", "rp1-wu1-s0", "rp0-wu0-s0", "rp1-wu0-s0"]
 
 
 def _recorded_checkpoints(trial_dir: Path) -> list[int]:
-    """Steps of the stage-2 checkpoints Train V2 has recorded in its snapshot for this trial (the step dir
-    alone appears earlier; a kill in between leaves nothing to resume from)."""
-    snaps = list((trial_dir / "ray").glob("*-stage2/checkpoint_manager_snapshot.json"))
-    try:
-        results = json.loads(snaps[0].read_text())["checkpoint_results"] if snaps else []
-    except (ValueError, KeyError):        # being written
-        return []
-    return sorted(int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results)
+    """Steps of the stage-2 checkpoints Train V2 has recorded for this trial (the step dir alone appears
+    earlier; a kill in between leaves nothing to resume from)."""
+    from sftok_platform.train import checkpointing as ckpt
+    runs = sorted((trial_dir / "ray").glob("*-stage2"))
+    return ckpt.recorded_checkpoint_steps(runs[0]) if runs else []
 
 
 def _steps_after_last_start(stage_dir: Path) -> list[int]:

@@ -261,7 +261,20 @@ def latest_checkpoint_dir(ray_run_dir: str | os.PathLike) -> Optional[Path]:
     return steps[-1] if steps else None
 
 
+def recorded_checkpoint_steps(ray_run_dir: str | os.PathLike) -> list[int]:
+    """Steps of the checkpoints Ray Train has *recorded* for a run (its ``checkpoint_manager_snapshot.json``):
+    the ones a restart resumes from. A ``step_*`` directory appears earlier, while the report is still being
+    persisted; a run stopped in between restarts from the previous recorded step. Empty while the snapshot is
+    missing or being written."""
+    snapshot = Path(ray_run_dir) / "checkpoint_manager_snapshot.json"
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):
+        return []
+    return sorted(int(r["checkpoint_dir_name"].rsplit("_", 1)[1]) for r in results)
+
+
 __all__ = ["StagePaths", "storage_path", "ray_run_name", "is_done", "read_done", "mark_done", "journal",
            "read_journal", "capture_rng", "restore_rng", "save_state", "load_state", "optimizer_fingerprint",
            "save_teacher", "teacher_file", "load_teacher_export", "copy_tree", "latest_checkpoint_dir",
-           "STATE_FILE"]
+           "recorded_checkpoint_steps", "STATE_FILE"]
