@@ -79,13 +79,14 @@ class MlflowUI:
         self.log.close()
         shutil.rmtree(self.profile, ignore_errors=True)
 
-    def page(self, fragment: str, *wait_for: str, budget_ms: int = 60000, loads: int = 3) -> str:
+    def page(self, fragment: str, *wait_for: str, budget_ms: int = 60000, loads: int = 5) -> str:
         """The DOM of ``<ui>/<fragment>`` after the page's scripts ran (``fragment`` like ``#/experiments/1``).
 
         ``budget_ms`` is virtual time (Chromium skips idle waits: 60 s of it took 6-8 s here). The UI draws
         in stages (run data, then one request per metric chart, then images), and on a loaded 2-core
         machine a single load sometimes ended before the later stages: the page is loaded again, up to
-        ``loads`` times, until every ``wait_for`` text is in it. The caller asserts on what comes back.
+        ``loads`` times, until every ``wait_for`` text is in it (3 loads were once not enough for a stage's
+        model-metrics tab in a full-suite run). The caller asserts on what comes back.
         The tall window puts every chart section in view."""
         html = ""
         for _ in range(loads):

@@ -52,7 +52,7 @@ from . import synthetic
 from .manifest import (KIND, SCHEMA_VERSION, DataError, file_sha256, fingerprint, is_remote, read_manifest,
                        write_manifest, load_manifest)
 from .sources import Entry, scan_source
-from .validate import CheckOptions, check_image
+from .validate import CheckOptions, Checked, check_image
 
 STAGING = "_staging"         # written by versions before 2026-12-07 (stage + gather); removed if found
 ROW_GROUP_SIZE = 256        # ~30 MB of ImageNet JPEGs: bounded reader memory, far below Parquet's 2 GiB limit
@@ -116,10 +116,6 @@ class PrepJob:
 # Row producers (run inside Ray Data tasks)
 # ######################################################################################################
 
-def _norm(path: str) -> str:
-    return os.path.normpath(path.split("://", 1)[-1])
-
-
 class _FileRows:
     """A shard's planned files -> rows: original bytes, fully decoded to validate (convert or skip)."""
 
@@ -131,10 +127,9 @@ class _FileRows:
         for relpath, label in zip(relpaths, labels):
             try:
                 with open(os.path.join(self.root, relpath), "rb") as f:
-                    data = f.read()
+                    checked = check_image(f.read(), self.opts)
             except OSError as e:                       # vanished or unreadable since the scan: skipped, reported
-                data = f"unreadable: {e}".encode()
-            checked = check_image(data, self.opts)
+                checked = Checked(b"", 0, 0, skip_reason=f"unreadable: {e.strerror or e}")
             for k, v in (("image_bytes", checked.data), ("label", label), ("path", relpath),
                          ("width", checked.width), ("height", checked.height),
                          ("skip_reason", checked.skip_reason), ("note", checked.note)):
