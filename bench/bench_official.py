@@ -5,8 +5,8 @@
     python bench/bench_official.py --sections fast --weights runs/default/stages/stage3/export
                                                     # fast-path accuracy on trained weights (and their val images)
 
-``--official`` is a checkout of github.com/Neur-IO/SFTok (tested at 0e98df0; it needs ``pip install einops
-omegaconf accelerate``). The official ``SFTok`` is built from its own ``configs/infer_sftok.yaml`` with
+``--official`` is a checkout of github.com/Neur-IO/SFTok (tested at 0e98df0; the packages it imports:
+``pip install -e ".[official]"``). The official ``SFTok`` is built from its own ``configs/infer_sftok.yaml`` with
 ``torch.manual_seed(0)``, in eval mode, with temperature 0 (deterministic decoding) and no guidance; this
 project's model is loaded from that model's ``state_dict`` through ``sftok.from_official``, so both hold the
 same weights. Every figure is timed round-robin (official, exact, fast, official, ...) in one process, so
@@ -52,7 +52,8 @@ def official_model(checkout: Path, model_name: str):
         raise SystemExit(f"{checkout} is not a checkout of Neur-IO/SFTok (no modeling/sftok.py).")
     missing = [m for m in ("einops", "omegaconf", "accelerate") if not _importable(m)]
     if missing:
-        raise SystemExit(f"the official code needs {', '.join(missing)}: pip install {' '.join(missing)}")
+        raise SystemExit(f"the official code needs {', '.join(missing)}: pip install -e \".[official]\" "
+                         f"(or pip install {' '.join(missing)})")
     sys.path.insert(0, str(checkout))
     from omegaconf import OmegaConf
     with contextlib.redirect_stdout(open(os.devnull, "w")):       # it prints "attention mode is flash"
