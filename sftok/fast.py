@@ -34,7 +34,7 @@ class Int8Linear(nn.Module):
     """``y = x W^T + b`` with int8 W (per output channel) and x quantised per row at call time.
 
     Weights are stored transposed ([in, out], int8, contiguous): the layout ``torch._int_mm`` runs fastest
-    on CPU. Rows of x with |x| = 0 are handled (scale 1). Inference only (no gradients).
+    on CPU. An all-zero row of x gives exactly the bias (its scale is clamped above 0). Inference only.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):

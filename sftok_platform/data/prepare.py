@@ -162,7 +162,6 @@ class _BuildShard:
         self.make_rows, self.out = make_rows, out
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        import json
         relpaths, labels = list(row["relpaths"]), [int(x) for x in row["labels"]]
         record = write_shard(self.out, row["name"], row["file"], self.make_rows(relpaths, labels), set(relpaths))
         return {"record": json.dumps(record)}
@@ -310,7 +309,7 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
             by_name = {s.name: s for s in wave}
             items = [{"name": s.name, "file": s.file, "relpaths": [e.relpath for e in s.entries],
                       "labels": [e.label for e in s.entries]} for s in wave]
-            # one block per shard, so that each shard is one task (Ray Data retries a task whose worker died)
+            # one block per shard, so that each shard is one task (Ray Data's tasks retry when their worker dies)
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map(build)
             # leaving this loop early (an error, Ctrl-C) shuts the pipeline down and cancels its running
             # shard tasks; a task cancelled mid-write deletes its temp file (write_shard)
