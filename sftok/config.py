@@ -100,6 +100,10 @@ class StageConfig:
     beta2: float = 0.99
     weight_decay: float = 1e-4
     quantizer_weight: float = 1.0       # stage 0: the teacher's VQ loss; 1-3: OptVQ's (a constant in stage 3)
+    # "adamw" (official) or "muon": Muon on the transformer blocks' weight matrices at lr x muon_lr_scale,
+    # AdamW on the rest (sftok.optim.MuonWithAdamW). Stage 0 (a CNN teacher) has no transformer: AdamW only.
+    optimizer: str = "adamw"
+    muon_lr_scale: float = 20.0
 
 
 @dataclass

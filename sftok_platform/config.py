@@ -26,6 +26,7 @@ from sftok.config import (ConfigError, GeneratorConfig, LossConfig, ModelConfig,
                           TeacherConfig, TokenStageConfig, apply_override, check_ranges, flatten, merge,
                           split_override)
 from sftok.blocks import VIT_SIZES
+from sftok.optim import OPTIMIZERS
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
@@ -243,6 +244,11 @@ class Config:
                     f"a multiple of {per_update} or change the worker count.")
             if st.steps < 0 or st.warmup_steps < 0:
                 raise ConfigError(f"{name}.steps and {name}.warmup_steps must be >= 0.")
+            if st.optimizer not in OPTIMIZERS:
+                raise ConfigError(f"{name}.optimizer={st.optimizer!r}: use one of {', '.join(OPTIMIZERS)}.")
+            if st.optimizer == "muon" and name == "stage0":
+                raise ConfigError("stage0.optimizer=muon: the stage-0 teacher is a CNN with no transformer "
+                                  "weight matrices for Muon; use stage0.optimizer=adamw.")
         unknown = set(self.run.stages) - {"stage0", "stage1", "stage2", "stage3", "stage4"}
         if unknown:
             raise ConfigError(f"run.stages has unknown entries {sorted(unknown)}; "
@@ -284,6 +290,7 @@ class Config:
                       (f"{name}.lr", st.lr, "positive"), (f"{name}.end_lr", st.end_lr, "nonneg"),
                       (f"{name}.beta1", st.beta1, "unit_open"), (f"{name}.beta2", st.beta2, "unit_open"),
                       (f"{name}.weight_decay", st.weight_decay, "nonneg"),
+                      (f"{name}.muon_lr_scale", st.muon_lr_scale, "positive"),
                       (f"{name}.quantizer_weight", st.quantizer_weight, "nonneg")]
             if isinstance(st, TokenStageConfig):
                 rules.append((f"{name}.label_smoothing", st.label_smoothing, "unit_open"))

@@ -553,6 +553,47 @@ def test_param_groups_follow_the_official_rule(model12):
     assert opt.param_groups[0]["betas"] == (0.9, 0.95) and len(opt.param_groups) == 2
 
 
+
+def test_muon_takes_the_transformer_matrices_and_adamw_the_rest(model12):
+    """stageN.optimizer=muon: Muon on exactly the transformer blocks' 2-D weights (at lr x muon_lr_scale),
+    AdamW (official decay groups) on every other trainable parameter; one schedule, one state dict that
+    restores both halves, one fingerprint that sees both."""
+    import copy
+    from sftok.optim import MuonWithAdamW, set_lr
+    from sftok_platform.train.checkpointing import optimizer_fingerprint
+    cfg = StageConfig(lr=1e-3, weight_decay=1e-4, optimizer="muon", muon_lr_scale=20.0)
+    model = copy.deepcopy(model12)
+    opt = build_optimizer(model, cfg)
+    assert isinstance(opt, MuonWithAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for p in opt.muon.param_groups[0]["params"]}
+    adamw = {names[id(p)] for g in opt.adamw.param_groups for p in g["params"]}
+    assert muon.isdisjoint(adamw) and muon | adamw == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "encoder.transformer.0.attn.in_proj_weight" in muon and "decoder.transformer.1.mlp.c_proj.weight" in muon
+    for name in ("encoder.patch_embed.weight", "latent_tokens", "decoder.ffn.0.weight", "encoder.ln_pre.weight",
+                 "encoder.transformer.0.attn.in_proj_bias", "quantize.shared_linear.weight"):
+        assert name in adamw, name
+    set_lr(opt, 5e-4)
+    assert opt.muon.param_groups[0]["lr"] == pytest.approx(1e-2)
+    assert all(g["lr"] == pytest.approx(5e-4) for g in opt.adamw.param_groups)
+
+    x = torch.rand(2, 3, model.cfg.image_size, model.cfg.image_size)
+    ids = torch.full((2, model.cfg.num_proxy_codes), model.mask_id)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits, info = model(x, ids)
+    (logits.pow(2).mean() + info["quantizer_loss"]).backward()
+    opt.step()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert "encoder.transformer.0.mlp.c_fc.weight" in moved and "decoder.ffn.2.weight" in moved
+    state = opt.state_dict()
+    assert set(state) == {"muon", "adamw"} and optimizer_fingerprint(state) > optimizer_fingerprint(state["adamw"]) > 0
+
+    other = build_optimizer(copy.deepcopy(model12), cfg)
+    other.load_state_dict(state)
+    assert optimizer_fingerprint(other.state_dict()) == pytest.approx(optimizer_fingerprint(state))
+    with pytest.raises(ValueError, match="another stageN.optimizer"):
+        other.load_state_dict(build_optimizer(model12, StageConfig()).state_dict())
+
 def test_lr_schedule():
     cfg = StageConfig(lr=1e-4, end_lr=1e-5, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == 0.0

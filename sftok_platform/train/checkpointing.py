@@ -188,13 +188,16 @@ def load_state(directory: str | os.PathLike, map_location: str | torch.device = 
 
 
 def optimizer_fingerprint(optimizer_state: dict) -> float:
-    """A number that changes with any AdamW moment: the sum of |exp_avg| + |exp_avg_sq| over all params.
+    """A number that changes with any optimizer moment: the sum of |exp_avg| + |exp_avg_sq| (AdamW) and
+    |momentum_buffer| (Muon) over all params. A Muon+AdamW state (``{"muon": ..., "adamw": ...}``) sums both.
 
     Used by the journal to show that a resumed stage continued with the very optimizer state it saved.
     """
+    if "state" not in optimizer_state:
+        return sum(optimizer_fingerprint(part) for part in optimizer_state.values())
     total = 0.0
-    for s in optimizer_state.get("state", {}).values():
-        for key in ("exp_avg", "exp_avg_sq"):
+    for s in optimizer_state["state"].values():
+        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
             if key in s:
                 total += float(s[key].double().abs().sum())
     return total
