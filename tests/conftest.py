@@ -32,6 +32,21 @@ for _key, _value in {
 
 RAY_CPUS = 4     # logical CPUs of the shared Ray: a 2-worker stage or a trial plus Ray Data's tasks fit
 
+# The files that take longest (seconds, serial run of 2026-12-07), collected first: with `-n 2 --dist
+# loadfile --no-loadscope-reorder` (pyproject.toml) xdist hands whole files to the two test processes in
+# collection order, so the long ones start at once and the short ones fill in around them.
+LONGEST_FILES = ("test_sweeps.py",            # ~290: the killed + resumed ablation, ASHA
+                 "test_pipeline_e2e.py",      # ~190: three pipeline launches with 2 workers
+                 "test_node_loss.py",         # ~85: a 4-raylet cluster loses a node
+                 "test_train_resume.py",      # ~75
+                 "test_generator_stage.py",   # ~50
+                 "test_train_job_submit.py")  # ~40
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FILES)))     # stable: files stay whole
+
 
 def ensure_ray() -> dict:
     """Connect to the shared private local Ray (started on first use, dashboard on: Train V2's placement-group
