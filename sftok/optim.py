@@ -175,6 +175,6 @@ def set_lr(optimizer, lr: float) -> None:
         g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
-__all__ = ["NO_DECAY_KEYWORDS", "OPTIMIZERS", "no_weight_decay", "param_groups", "named_param_groups", "build_adamw", "muon_parameter",
-           "MuonWithAdamW", "build_optimizer",
-           "cosine_lr", "lr_at", "discriminator_lr_at", "set_lr"]
+__all__ = ["NO_DECAY_KEYWORDS", "OPTIMIZERS", "no_weight_decay", "param_groups", "named_param_groups",
+           "build_adamw", "muon_parameter", "MuonWithAdamW", "build_optimizer", "cosine_lr", "lr_at",
+           "discriminator_lr_at", "set_lr"]

@@ -594,6 +594,37 @@ def test_muon_takes_the_transformer_matrices_and_adamw_the_rest(model12):
     with pytest.raises(ValueError, match="another stageN.optimizer"):
         other.load_state_dict(build_optimizer(model12, StageConfig()).state_dict())
 
+
+def test_muon_with_adamw_under_a_grad_scaler():
+    """fp16 training drives the optimiser through torch.amp.GradScaler: unscale, step, and a skipped step
+    (both halves untouched) when a gradient is inf."""
+    from sftok.optim import MuonWithAdamW
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+            self.head = torch.nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.transformer(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    opt = MuonWithAdamW(net, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, muon_lr_scale=20.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in net.parameters()]
+    scaler.scale(net(torch.randn(4, 8)).pow(2).mean()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert all(not torch.equal(b, p) for b, p in zip(before, net.parameters()) if p.ndim == 2)
+    after = [p.detach().clone() for p in net.parameters()]
+    scaler.scale(net(torch.randn(4, 8)).pow(2).mean() * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(after, net.parameters())) and scaler.get_scale() == 512.0
+
 def test_lr_schedule():
     cfg = StageConfig(lr=1e-4, end_lr=1e-5, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == 0.0
