@@ -101,10 +101,6 @@ class MuonWithAdamW:
     def param_groups(self) -> list[dict]:
         return [g for o in self._optimizers for g in o.param_groups]
 
-    @property
-    def state(self) -> dict:
-        return {p: s for o in self._optimizers for p, s in o.state.items()}
-
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for o in self._optimizers:
@@ -134,7 +130,7 @@ def build_optimizer(model: nn.Module, stage_cfg, *, fused: bool | None = None):
     """The tokenizer optimiser of one stage from a :class:`sftok.config.StageConfig`: AdamW (official), or
     :class:`MuonWithAdamW` where ``stage_cfg.optimizer == "muon"``."""
     betas = (stage_cfg.beta1, stage_cfg.beta2)
-    if getattr(stage_cfg, "optimizer", "adamw") == "muon":
+    if stage_cfg.optimizer == "muon":
         return MuonWithAdamW(model, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay,
                              muon_lr_scale=stage_cfg.muon_lr_scale)
     return build_adamw(model, lr=stage_cfg.lr, betas=betas, weight_decay=stage_cfg.weight_decay, fused=fused)

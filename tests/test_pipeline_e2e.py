@@ -41,11 +41,6 @@ def _config(tmp, shards, *extra):
         "eval.steps=[1,2]", "tracking.system_metrics=false", "train.image_every=2", "tracking.promote=true", *extra])
 
 
-def _optimizer_parts(state: dict) -> list[dict]:
-    """An optimizer state dict, or each part of a Muon+AdamW one."""
-    return [state] if "state" in state else list(state.values())
-
-
 def steps_after_each_start(paths):
     """Journal -> [(start step, resumed, fingerprint, [steps run after that start]), ...]."""
     out = []
@@ -81,7 +76,7 @@ def pipeline(tmp_path_factory, ray_cluster, seed_mlflow):
         "stage1_done": ckpt.is_done(paths), "last": last.name, "step": saved["step"],
         "ema_updates": saved["ema"]["num_updates"],
         "optimizer_state_filled": all(bool(part["state"]) and all(len(s) for s in part["state"].values())
-                                      for part in _optimizer_parts(saved["optimizer"])),
+                                      for part in ckpt.optimizer_parts(saved["optimizer"])),
         "fingerprint": ckpt.optimizer_fingerprint(saved["optimizer"])}
 
     # 2. the same command again; a stage-2 worker dies once (a marker file makes the fault one-shot)

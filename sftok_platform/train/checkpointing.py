@@ -187,19 +187,24 @@ def load_state(directory: str | os.PathLike, map_location: str | torch.device = 
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def optimizer_parts(optimizer_state: dict) -> list[dict]:
+    """The torch optimizer state dicts inside a saved optimizer state: itself, or the Muon and AdamW halves
+    of a ``MuonWithAdamW`` state (``{"muon": ..., "adamw": ...}``)."""
+    return [optimizer_state] if "state" in optimizer_state else list(optimizer_state.values())
+
+
 def optimizer_fingerprint(optimizer_state: dict) -> float:
     """A number that changes with any optimizer moment: the sum of |exp_avg| + |exp_avg_sq| (AdamW) and
     |momentum_buffer| (Muon) over all params. A Muon+AdamW state (``{"muon": ..., "adamw": ...}``) sums both.
 
     Used by the journal to show that a resumed stage continued with the very optimizer state it saved.
     """
-    if "state" not in optimizer_state:
-        return sum(optimizer_fingerprint(part) for part in optimizer_state.values())
     total = 0.0
-    for s in optimizer_state["state"].values():
-        for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
-            if key in s:
-                total += float(s[key].double().abs().sum())
+    for part in optimizer_parts(optimizer_state):
+        for s in part["state"].values():
+            for key in ("exp_avg", "exp_avg_sq", "momentum_buffer"):
+                if key in s:
+                    total += float(s[key].double().abs().sum())
     return total
 
 
@@ -278,6 +283,6 @@ def recorded_checkpoint_steps(ray_run_dir: str | os.PathLike) -> list[int]:
 
 
 __all__ = ["StagePaths", "storage_path", "ray_run_name", "is_done", "read_done", "mark_done", "journal",
-           "read_journal", "capture_rng", "restore_rng", "save_state", "load_state", "optimizer_fingerprint",
-           "save_teacher", "teacher_file", "load_teacher_export", "copy_tree", "latest_checkpoint_dir",
+           "read_journal", "capture_rng", "restore_rng", "save_state", "load_state", "optimizer_parts",
+           "optimizer_fingerprint", "save_teacher", "teacher_file", "load_teacher_export", "copy_tree", "latest_checkpoint_dir",
            "recorded_checkpoint_steps", "STATE_FILE"]
