@@ -220,6 +220,7 @@ def tokenize_train_split(cfg: Config, tokenizer_dir: str, shards: str, stage_dir
     import ray.data
 
     from sftok_platform.data import read_split
+    from sftok_platform.data.reader import read_parquet
     out, marker = stage_dir / "tokens", stage_dir / "tokens.json"
     meta = {"tokenizer": str(Path(tokenizer_dir).resolve()), "shards": str(shards), "assignment": "per_image",
             "image_size": image_size}
@@ -233,7 +234,7 @@ def tokenize_train_split(cfg: Config, tokenizer_dir: str, shards: str, stage_dir
                                                                "threads": cfg.train.cpus_per_worker},
                         batch_size=cfg.eval.batch_size, batch_format="numpy", **_actor_resources(cfg))
     ds.write_parquet(str(out), mode=ray.data.SaveMode.OVERWRITE)
-    rows = ray.data.read_parquet(str(out)).count()
+    rows = read_parquet(str(out)).count()
     marker.write_text(json.dumps({**meta, "rows": rows}, indent=2))
     return str(out), rows
 
@@ -247,10 +248,10 @@ def train_generator(cfg: Config, tokens_dir: str, paths, codebook_size: int, seq
     """Train the generator as stage 4 of the one training loop (``sftok_platform.train.stages.GeneratorTask``
     in ``build_trainer``'s ``TorchTrainer``, named ``<run.name>-stage4``: the same name resumes); skipped
     when the export of a finished training exists. Returns ``{"loss", "step", "seconds", "ray_checkpoint"}``."""
-    import ray.data
     from ray.data import FileShuffleConfig
 
     from sftok_platform import tracking
+    from sftok_platform.data.reader import read_parquet
     from sftok_platform.train.pipeline import build_trainer
 
     done_file = paths.dir / "train_done.json"
@@ -258,7 +259,7 @@ def train_generator(cfg: Config, tokens_dir: str, paths, codebook_size: int, seq
         return json.loads(done_file.read_text())
     trainer = build_trainer(
         cfg, STAGE, run_id=run_id, debug=debug, inputs={"codebook_size": codebook_size, "seq_len": seq_len},
-        datasets={"train": ray.data.read_parquet(tokens_dir, shuffle=FileShuffleConfig(seed=cfg.data.shuffle_seed))})
+        datasets={"train": read_parquet(tokens_dir, shuffle=FileShuffleConfig(seed=cfg.data.shuffle_seed))})
     t0 = time.time()
     result = trainer.fit()
     if result.error is not None:
@@ -425,8 +426,6 @@ def reference_stats(cfg: Config, shards: str, stage_dir: Path, image_size: int) 
     val shards' Inception statistics at the tokenizer's ``image_size`` (``source="val"``), computed once
     with Ray Data and cached in ``stage_dir/reference_val_stats.npz`` (keyed by the shards and the Inception
     weights)."""
-    import ray.data
-
     from sftok.inception import POOL_DIM
     from sftok.metrics import FeatureStats
     from sftok_platform.data import read_split

@@ -266,7 +266,10 @@ class StageLogger:
     """Opens an existing run by id and logs to it; a no-op object on ranks other than 0.
 
     Metrics go through the fluent API with ``synchronous=False`` so a slow tracking server does not stall
-    the step; :meth:`close` flushes them.
+    the step; :meth:`close` flushes them. MLflow's logging thread then batches what arrives within
+    ``MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS`` (1 s unless set). Without a buffer it blocks in a 1 s queue
+    poll that neither a flush nor ``end_run`` interrupts: every stage ended with 2 s of waiting (measured:
+    ``flush_async_logging`` 1.0 s + ``end_run`` 1.0 s; 0.01 s each with the buffer).
     """
 
     def __init__(self, uri: str, run_id: Optional[str], *, enabled: bool, system_metrics: bool = True):
@@ -275,6 +278,7 @@ class StageLogger:
         self.run_id = run_id
         if not self.enabled:
             return
+        os.environ.setdefault("MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS", "1")
         import mlflow
         os.environ.pop("MLFLOW_RUN_ID", None)
         mlflow.set_tracking_uri(uri)

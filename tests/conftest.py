@@ -15,10 +15,10 @@ import pytest
 # Set before torch / Ray start (Ray's local processes inherit this environment; so do the subprocesses and
 # the clusters that tests start themselves). None of them changes what the code under test computes.
 for _key, _value in {
-    # Ray 2.60's Parquet reader (datasource V2) starts 32 FooterReader actors, each a new Python process,
-    # for every execution of a dataset: 5-20 s per read on 2 cores for a few shards. One actor reads the
-    # same footers through the same code path.
-    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # Train V2 starts a PreemptionWatcher actor (a new Python process, ~1 s of CPU here) with every worker
+    # group, to drain workers on nodes that announce a spot preemption. No node of the suite's clusters
+    # can be preempted (the node-loss test removes a node without notice, which is not a preemption).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # OpenMP threads that spin while they wait slow every torch op down many times over when the 2 cores
     # are shared (Ray workers, other jobs): an FID Inception forward took 4 s instead of 0.05 s.
     "OMP_WAIT_POLICY": "PASSIVE",

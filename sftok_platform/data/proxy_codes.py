@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 
 from .manifest import PROXY_CODES_COLUMN, DataError, file_sha256, is_remote, load_manifest, write_manifest
 from .prepare import ROW_GROUP_SIZE
+from .reader import read_parquet
 from .transforms import eval_transform
 
 NUM_CODES = 256
@@ -114,7 +115,7 @@ def add_proxy_codes(shards_dir: str, teacher: str, *, hidden_channels: int = 128
         while todo and (not wave or n + todo[0]["rows"] <= wave_images):
             n += todo[0]["rows"]
             wave.append(todo.pop(0))
-        ds = ray.data.read_parquet([str(out / s["file"]) for s in wave]).select_columns(["image_bytes", "path"])
+        ds = read_parquet([str(out / s["file"]) for s in wave]).select_columns(["image_bytes", "path"])
         ds = ds.map_batches(_decode_center, batch_size=batch_size)
         ds = ds.map_batches(TeacherEncoder, fn_constructor_kwargs={"teacher_path": str(teacher),
                                                                    "hidden_channels": hidden_channels},
