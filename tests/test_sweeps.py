@@ -6,8 +6,8 @@ store keeps every metric when several processes write at once (the sweep's track
 End to end (``slow``; the suite's local Ray, tiny model, tiny synthetic data, a random teacher so stage 0
 is skipped): the one-seed ablation (a 4-trial replace-ratio x warm-up grid through Tune + Train + MLflow,
 then decode-steps on one of its exports), run as a command that is killed mid-trial (the whole process
-group, SIGKILL) and finished with ``--resume``; an Optuna + ASHA search where ASHA stops a diverging trial,
-the next trial runs and the stopped trial's workers are released.
+group, SIGKILL) and finished with ``--resume``; an Optuna + ASHA search where ASHA stops a diverging trial
+and the stopped trial's workers are released.
 """
 from __future__ import annotations
 
@@ -174,9 +174,9 @@ def _journal_starts(stage_dir: Path) -> list[dict]:
     return [json.loads(x) for x in p.read_text().splitlines() if '"event": "start"' in x]
 
 
-# stage 2 checkpoints every step, so that a kill mid-trial leaves a checkpoint to resume from
+# stage 2 checkpoints every other step, so that a kill mid-trial leaves a checkpoint to resume from
 ABLATION_STEPS = 8
-ABLATION_EXTRA = [f"stage2.steps={ABLATION_STEPS}", "train.checkpoint_every=1"]
+ABLATION_EXTRA = [f"stage2.steps={ABLATION_STEPS}", "train.checkpoint_every=2"]
 ABLATION_KEYS = ["rp0-wu1-s0", "rp1-wu1-s0", "rp0-wu0-s0", "rp1-wu0-s0"]
 
 
@@ -366,9 +366,10 @@ def test_interrupted_sweep_resumes(ablation):
 
 
 @pytest.mark.slow
-def test_asha_stops_a_trial_and_the_next_runs(env):
-    """Optuna + ASHA: trial 2 (lr 8, diverges) is stopped at the second rung, its Train workers' placement
-    group is removed, and trial 3 runs afterwards."""
+def test_asha_stops_a_diverging_trial_and_releases_its_workers(env):
+    """Optuna + ASHA over two trials: trial 1 (lr 1e-3) sets the rung, trial 2 (lr 8, diverges) is stopped at
+    the second rung, and its Train workers' placement group is removed, so the CPUs are free for the next
+    trial. (A third trial only showed that the freed CPUs get used: the release is asserted directly.)"""
     import ray
     from ray.util.state import list_placement_groups
 
@@ -377,18 +378,13 @@ def test_asha_stops_a_trial_and_the_next_runs(env):
     cfg = _cfg(env)
     budget = cfg.stage1.steps + cfg.stage2.steps
     good = {"replace_prob": 1.0, "unmasked_weight": 0.1, "lr": 1e-3}
-    res = run_sweep("search", cfg, name="asha", trials=3, concurrency=1, fixed={"stage1_fraction": 0.0},
+    res = run_sweep("search", cfg, name="asha", trials=2, concurrency=1, fixed={"stage1_fraction": 0.0},
                     ranges={"lr": (1e-4, 10.0)}, points_to_evaluate=[good, {**good, "lr": 8.0}], grace_steps=1)
     rows = {round(r["lr"], 6): r for r in res.rows}
-    assert len(res.rows) == 3
+    assert sorted(rows) == [0.001, 8.0]
     assert rows[0.001]["status"] == "finished" and rows[0.001]["sweep_step"] == budget
     bad = rows[8.0]
     assert bad["status"] == "stopped early" and bad["sweep_step"] < budget
-    third = next(r for r in res.rows if round(r["lr"], 6) not in (0.001, 8.0))
-    assert third["iterations"] >= 1
-    frames = {round(r.config["lr"], 6): r.metrics_dataframe for r in res.result_grid}
-    t_third = next(df for lr, df in frames.items() if lr not in (0.001, 8.0))
-    assert t_third["timestamp"].min() >= frames[8.0]["timestamp"].max()
 
     trials = runs.trial_runs(cfg, res.parent_run_id)
     stopped = trials[bad["trial_key"]]
