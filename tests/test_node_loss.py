@@ -1,9 +1,9 @@
 """Cluster readiness (issue 15): a stage survives losing a node of a multi-node Ray cluster.
 
-Four raylets on this host stand in for a cluster (``ray.cluster_utils.Cluster``): a CPU-less head, as in
-``ray_cluster.yaml``, and three 2-CPU worker nodes. Stage 1 trains with two workers spread over two of
-them; when it has written a checkpoint, a node that hosts a worker is removed without warning (a lost spot
-node; the third node plays the autoscaler's replacement). The stage must restart from its last
+Three raylets on this host stand in for a cluster (``ray.cluster_utils.Cluster``): a CPU-less head, as in
+``ray_cluster.yaml``, and two 3-CPU worker nodes. Stage 1 trains with two workers spread over both; when it
+has written a checkpoint, one of the nodes is removed without warning (a lost spot node). The restarted
+worker group fits on the surviving node with a CPU left for Ray Data's read tasks. The stage must restart from its last
 checkpoint and finish with exactly ``steps`` optimizer updates, and rank 0 must log to the MLflow server through a URI the other nodes can
 reach (the loopback URI given is rewritten to the head's address).
 """
@@ -47,7 +47,7 @@ def test_a_stage_survives_losing_a_node(tmp_path, monkeypatch):
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash})
     try:
-        nodes = [cluster.add_node(num_cpus=2) for _ in range(3)]    # 2 for the workers, 1 standing by
+        nodes = [cluster.add_node(num_cpus=3) for _ in range(2)]    # a worker each, and a CPU for Ray Data
         cluster.wait_for_nodes()
         monkeypatch.setenv("RAY_ADDRESS", cluster.address)
         cfg = load_config("tiny", [
@@ -73,9 +73,9 @@ def test_a_stage_survives_losing_a_node(tmp_path, monkeypatch):
         removed: dict = {}
 
         def remove_a_worker_node_after_the_first_checkpoint():
-            # The spare node stands in for the autoscaler's replacement: without it the restarted workers
-            # take the surviving node's last CPUs and Ray Data's read tasks can never be scheduled ("Cluster
-            # resources are not enough to run any task ... may hang forever"), a real stall, not a bug here.
+            # The surviving node has 3 CPUs: the restarted group's 2 workers and 1 for Ray Data's read tasks.
+            # With 2 (both for the workers) those tasks could never be scheduled ("Cluster resources are not
+            # enough to run any task ... may hang forever"), a real stall of an undersized cluster.
             from ray.util.state import list_actors
             try:
                 deadline = time.time() + 400
