@@ -1,4 +1,4 @@
-"""Killing a command that started its own local Ray, completely (used by the crash tests)."""
+"""Killing a command completely, with the Ray processes that work for it (used by the crash tests)."""
 from __future__ import annotations
 
 import contextlib
@@ -27,3 +27,31 @@ def kill_with_ray(proc: subprocess.Popen, timeout: float = 60) -> None:
             p.kill()
     proc.wait()
     psutil.wait_procs(family, timeout=timeout)
+
+
+def kill_with_its_ray_workers(proc: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGKILL ``proc``, a driver that joined this process's Ray (``RAY_ADDRESS``), and every actor process
+    of its job (Tune trials, Train controllers and workers), and wait until none is alive.
+
+    Ray would kill a dead driver's actors itself, but asynchronously: until then a trial can still write a
+    checkpoint after the caller has read "the state at the kill". Here they die at once, as on a lost
+    machine. Actors of this process's own job are left alone."""
+    import time
+
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+    kill_with_ray(proc, timeout)
+    own = ray.get_runtime_context().get_job_id()
+    deadline = time.time() + timeout
+    while True:
+        others = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.job_id != own]
+        if not others:
+            return
+        if time.time() > deadline:
+            raise TimeoutError(f"actors of the killed driver still alive after {timeout} s: {others}")
+        for actor in others:
+            if actor.pid:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    psutil.Process(actor.pid).kill()
+        time.sleep(0.2)

@@ -5,8 +5,8 @@ store keeps every metric when several processes write at once (the sweep's track
 
 End to end (``slow``; the suite's local Ray, tiny model, tiny synthetic data, a random teacher so stage 0
 is skipped): the one-seed ablation (a 4-trial replace-ratio x warm-up grid through Tune + Train + MLflow,
-then decode-steps on one of its exports), run as a command that is killed mid-trial (the whole process
-group, SIGKILL) and finished with ``--resume``; an Optuna + ASHA search where ASHA stops a diverging trial
+then decode-steps on one of its exports), run as a command on the suite's Ray that is killed mid-trial
+(SIGKILL: the driver and its job's actors) and finished with ``--resume``; an Optuna + ASHA search where ASHA stops a diverging trial
 and the stopped trial's workers are released.
 """
 from __future__ import annotations
@@ -196,16 +196,18 @@ def _steps_after_last_start(stage_dir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ablation(env, tmp_path_factory):
-    """``sweep.py ablation`` with one seed, started as a command (its own local Ray, two trials at a time) and
-    killed (driver and its Ray, SIGKILL) once a trial has finished and another is mid-training with a
-    recorded checkpoint; then the same sweep finished with ``run_ablation(resume=True)`` on the suite's Ray.
-    Returns both sweeps' results and what the kill left behind."""
-    from processes import kill_with_ray
+    """``sweep.py ablation`` with one seed, started as a command that joins the suite's Ray (as a job joins a
+    cluster; two trials at a time) and killed (SIGKILL: the driver and every actor of its job) once a trial
+    has finished and another is mid-training with a recorded checkpoint; then the same sweep finished with
+    ``run_ablation(resume=True)``. Returns both sweeps' results and what the kill left behind."""
+    import ray
+
+    from processes import kill_with_its_ray_workers
     from sftok_platform.sweeps import run_ablation
-    # 4 CPUs: two trials (0.25 + 1 each) leave Ray Data's read tasks a CPU (with 3 they would wait forever)
+    # the suite's Ray has 4 CPUs: two trials (0.25 + 1 each) leave Ray Data's read tasks a CPU
     args = ["ablation", "--preset", "tiny", "--name", "abl", "--seeds", "0", "--steps", "1,2",
-            "--concurrency", "2", "--num-cpus", "4", *env["overrides"], *ABLATION_EXTRA]
-    child_env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+            "--concurrency", "2", *env["overrides"], *ABLATION_EXTRA]
+    child_env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = tmp_path_factory.mktemp("ablation-log") / "sweep.log"
     sweep_runs = Path(_cfg(env).run.root) / "sweeps" / "abl" / "runs"
 
@@ -226,8 +228,8 @@ def ablation(env, tmp_path_factory):
                     break
                 time.sleep(0.1)
         finally:
-            kill_with_ray(proc)
-    # the sweep and every process of its Ray are dead: what they left is final
+            kill_with_its_ray_workers(proc)
+    # the sweep and every process of its job are dead: what they left is final
     trials = {k: {"done": done(k), "checkpoints": _recorded_checkpoints(sweep_runs / k),
                   "starts": len(_journal_starts(sweep_runs / k / "stages" / "stage2"))} for k in ABLATION_KEYS}
     killed = {"returncode": proc.returncode, "trials": trials, "log": log.read_text()[-3000:]}
@@ -329,7 +331,7 @@ def test_the_mlflow_ui_shows_the_sweep_comparison(ablation):
 
 @pytest.mark.slow
 def test_interrupted_sweep_resumes(ablation):
-    """The ablation above was killed (driver and its local Ray, SIGKILL) while trials trained, after one had
+    """The ablation above was killed (SIGKILL: the driver and its job's actors) while trials trained, after one had
     finished; ``--resume`` (run_ablation(resume=True)) kept the finished trials, continued the interrupted
     ones from their last checkpoint (or from the start when they had none), ran the rest and completed the
     table, in the same MLflow runs."""
