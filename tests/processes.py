@@ -35,7 +35,8 @@ def kill_with_its_ray_workers(proc: subprocess.Popen, timeout: float = 60) -> No
 
     Ray would kill a dead driver's actors itself, but asynchronously: until then a trial can still write a
     checkpoint after the caller has read "the state at the kill". Here they die at once, as on a lost
-    machine. Actors of this process's own job are left alone."""
+    machine. Actors of this process's own job, and detached ones (Ray Data's shared stats actors outlive
+    the job that happened to create them), are left alone."""
     import time
 
     import psutil
@@ -45,7 +46,8 @@ def kill_with_its_ray_workers(proc: subprocess.Popen, timeout: float = 60) -> No
     own = ray.get_runtime_context().get_job_id()
     deadline = time.time() + timeout
     while True:
-        others = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.job_id != own]
+        others = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+                  if a.job_id != own and not getattr(a, "is_detached", False)]
         if not others:
             return
         if time.time() > deadline:

@@ -44,9 +44,9 @@ def read_parquet(paths, **kwargs):
     ``FooterReader`` actors (32 unless ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` says otherwise) at every
     execution of a dataset: every epoch, every validation pass, every trial. For shards that this platform
     wrote itself it buys nothing (no predicate or row-group pruning is asked for) and costs new processes:
-    on 2 cores a 64-image val read took 2.1-2.4 s against 0.8-1.6 s through V1, the first train batch
-    2.7-2.9 s against 0.3-0.4 s. V1 keeps the same file shuffle (reseeded per execution) and column
-    push-down. ``RAY_DATA_USE_DATASOURCE_V2=1`` in the environment selects V2 again.
+    on 2 cores a 64-image val pass took 1.5-1.9 s against 0.16 s through V1, the first batch of a train
+    epoch 1.9-2.9 s against 0.4-1.0 s (``bench/bench_read.py``). V1 keeps the same file shuffle (reseeded
+    per execution) and column push-down. ``RAY_DATA_USE_DATASOURCE_V2=1`` in the environment selects V2.
 
     V1 samples a file when the dataset is created; its progress bar and its two INFO lines ("Estimated
     parquet encoding ratio", "... reader batch size") would show on the console at every stage and trial,
