@@ -35,7 +35,8 @@ def connect(cfg: Optional[Config] = None, *, address: Optional[str] = None, num_
     placement-group cleaner and other State API clients find the dashboard by auto-detection, which fails
     with "Found multiple active Ray instances" when other users run their own local Ray on the machine;
     stopped trials' workers then leak and the next trials hang PENDING (PLATFORM.md P8). Ray gives a local
-    raylet 30 s to start, not always enough on a busy host: a start-up time-out is retried twice.
+    raylet 30 s to start, not always enough on a busy host: a start-up time-out is retried twice. Train's
+    preemption watcher is off there (:func:`_local_train_settings`).
     """
     import ray
     if ray.is_initialized():
@@ -57,7 +58,8 @@ def connect(cfg: Optional[Config] = None, *, address: Optional[str] = None, num_
             ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                      runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": api,
                                                "PYTHONPATH": _pythonpath_with_project(),
-                                               "PYTHONWARNINGS": _pythonwarnings()}}, **kwargs)
+                                               "PYTHONWARNINGS": _pythonwarnings(),
+                                               **_local_train_settings()}}, **kwargs)
             break
         except Exception as e:
             if "timed out during startup" not in str(e) or attempt == 2:
@@ -82,6 +84,15 @@ def _pythonwarnings() -> str:
     environment brings every warning back in the workers too."""
     ours = [f"ignore:{message}" for message in KNOWN_RAY_DEPRECATIONS]
     return ",".join([w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w] + ours)
+
+
+def _local_train_settings() -> dict:
+    """Train settings for a private local Ray. Its one node cannot be preempted, so Train V2's
+    PreemptionWatcher (a new actor process with every worker group, and a core-worker error line about its
+    constructor arguments on the console at every stage) has nothing to watch: it is off unless
+    ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` is set. A cluster keeps Ray's default (on)."""
+    key = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+    return {key: os.environ.get(key, "0")}
 
 
 def _pythonpath_with_project() -> str:

@@ -1,4 +1,5 @@
-"""Cluster readiness: the MLflow URI every node can reach from a multi-node cluster."""
+"""Cluster readiness: the MLflow URI every node can reach from a multi-node cluster; Train settings of a
+private local Ray."""
 from __future__ import annotations
 
 import pytest
@@ -26,3 +27,12 @@ def test_sqlite_tracking_is_refused_on_a_multi_node_cluster():
         tracking_uri_for_workers("sqlite:////mnt/shared/runs/mlflow.db", multi_node=True, driver_ip="10.0.0.7")
     assert tracking_uri_for_workers("sqlite:///x.db", multi_node=False, driver_ip="1.2.3.4") == "sqlite:///x.db"
 
+
+
+def test_a_private_local_ray_runs_train_without_the_preemption_watcher(monkeypatch):
+    """One local node cannot be preempted: its workers get the watcher switched off, unless the user set it."""
+    from sftok_platform.cluster import _local_train_settings
+    monkeypatch.delenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", raising=False)
+    assert _local_train_settings() == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "1")
+    assert _local_train_settings() == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
