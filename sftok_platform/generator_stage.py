@@ -219,8 +219,7 @@ def tokenize_train_split(cfg: Config, tokenizer_dir: str, shards: str, stage_dir
     the same tokenizer and shards already produced them). Returns ``(dir, rows)``."""
     import ray.data
 
-    from sftok_platform.data import read_split
-    from sftok_platform.data.reader import read_parquet
+    from sftok_platform.data import read_parquet, read_split
     out, marker = stage_dir / "tokens", stage_dir / "tokens.json"
     meta = {"tokenizer": str(Path(tokenizer_dir).resolve()), "shards": str(shards), "assignment": "per_image",
             "image_size": image_size}
@@ -251,7 +250,7 @@ def train_generator(cfg: Config, tokens_dir: str, paths, codebook_size: int, seq
     from ray.data import FileShuffleConfig
 
     from sftok_platform import tracking
-    from sftok_platform.data.reader import read_parquet
+    from sftok_platform.data import read_parquet
     from sftok_platform.train.pipeline import build_trainer
 
     done_file = paths.dir / "train_done.json"

@@ -18,6 +18,7 @@ for _key, _value in {
     # Train V2 starts a PreemptionWatcher actor (a new Python process, ~1 s of CPU here) with every worker
     # group, to drain workers on nodes that announce a spot preemption. No node of the suite's clusters
     # can be preempted (the node-loss test removes a node without notice, which is not a preemption).
+    # cluster.connect already turns it off in a private local Ray; this reaches the clusters tests start.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     # OpenMP threads that spin while they wait slow every torch op down many times over when the 2 cores
     # are shared (Ray workers, other jobs): an FID Inception forward took 4 s instead of 0.05 s.

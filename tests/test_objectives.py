@@ -625,6 +625,7 @@ def test_muon_with_adamw_under_a_grad_scaler():
     scaler.update()
     assert all(torch.equal(a, p) for a, p in zip(after, net.parameters())) and scaler.get_scale() == 512.0
 
+
 def test_lr_schedule():
     cfg = StageConfig(lr=1e-4, end_lr=1e-5, warmup_steps=10, steps=110)
     assert lr_at(0, cfg) == 0.0

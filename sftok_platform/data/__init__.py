@@ -10,7 +10,7 @@ Ray Data prep), ``manifest`` (manifest.json), ``synthetic`` (the built-in data s
 """
 from .manifest import DataError, class_names, load_manifest, shard_paths
 from .prepare import ensure_dataset, prepare, prepare_synthetic
-from .reader import epoch_dataset, iter_train_batches, read_split
+from .reader import epoch_dataset, iter_train_batches, read_parquet, read_split
 
 __all__ = ["DataError", "class_names", "ensure_dataset", "epoch_dataset", "iter_train_batches", "load_manifest",
-           "prepare", "prepare_synthetic", "read_split", "shard_paths"]
+           "prepare", "prepare_synthetic", "read_parquet", "read_split", "shard_paths"]
