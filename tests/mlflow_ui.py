@@ -12,6 +12,7 @@ refused connections to Google's hosts.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
 import subprocess
@@ -46,12 +47,22 @@ class MlflowUI:
     def __init__(self, tracking_uri: str):
         self.browser = chromium()
         self.tracking_uri = tracking_uri
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}/"
         self.proc: subprocess.Popen | None = None
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
 
     def __enter__(self) -> "MlflowUI":
+        # free_port() only finds a port that is free now: another process (a Ray started by the other test
+        # process, seen once) can take it before the server binds it. Then this server exits, or /health
+        # answers with some other protocol's bytes, and the next attempt takes a new port.
+        for _attempt in range(3):
+            self.port = free_port()
+            self.base = f"http://127.0.0.1:{self.port}/"
+            if self._start():
+                return self
+        raise RuntimeError(f"mlflow ui did not start: {(Path(self.profile) / 'mlflow-ui.log').read_text()[-2000:]}")
+
+    def _start(self) -> bool:
+        """Start ``mlflow ui`` on ``self.port``; True once it answers /health, False if the port was taken."""
         self.log = open(Path(self.profile) / "mlflow-ui.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", self.tracking_uri,
@@ -60,16 +71,20 @@ class MlflowUI:
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"mlflow ui exited: {(Path(self.profile) / 'mlflow-ui.log').read_text()[-2000:]}")
+                self.log.close()
+                return False
             try:
                 with urllib.request.urlopen(self.base + "health", timeout=2) as r:
                     if r.status == 200:
-                        return self
+                        return True
+            except http.client.HTTPException:       # not an HTTP server on this port: someone else's
+                self._stop()
+                return False
             except OSError:
                 time.sleep(0.5)
         raise TimeoutError("mlflow ui did not answer /health in 120 s")
 
-    def __exit__(self, *exc) -> None:
+    def _stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, 15)
             try:
@@ -77,6 +92,9 @@ class MlflowUI:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, 9)
         self.log.close()
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
         shutil.rmtree(self.profile, ignore_errors=True)
 
     def page(self, fragment: str, *wait_for: str, budget_ms: int = 10000, loads: int = 5) -> str:
