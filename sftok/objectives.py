@@ -55,11 +55,12 @@ def _floats(metrics: dict) -> dict[str, float]:
 def _check_codes(teacher_codes: torch.Tensor, batch: int, num_slots: int) -> torch.Tensor:
     if not isinstance(teacher_codes, torch.Tensor) or teacher_codes.is_floating_point() or \
             teacher_codes.dtype == torch.bool:
-        raise TypeError("teacher_codes must be an integer tensor [B, 256] of MaskGIT-VQGAN code ids "
+        raise TypeError(f"teacher_codes must be an integer tensor [B, {num_slots}] of MaskGIT-VQGAN code ids "
                         "(teacher.encode_codes(images)).")
     if tuple(teacher_codes.shape) != (batch, num_slots):
+        side = int(num_slots ** 0.5)
         raise ValueError(f"teacher_codes has shape {tuple(teacher_codes.shape)}; expected ({batch}, {num_slots}) "
-                         "(one code per 16x16 grid slot of each image).")
+                         f"(one code per slot of the teacher's {side}x{side} code grid).")
     return teacher_codes.long()
 
 

@@ -325,12 +325,21 @@ class StageLogger:
             self.enabled = False
 
 
+GRID_MIN_TILE_PX = 64
+
+
 def save_image_grid(rows: Iterable, labels: Iterable[str], path: str | os.PathLike) -> Path:
-    """Rows of image batches -> one PNG; the row labels are written into the file name's sidecar text."""
+    """Rows of image batches -> one PNG; the row labels are written into the file name's sidecar text.
+    Images under 64 px (the tiny preset's 32 px) are enlarged by a whole factor, nearest neighbour, so that
+    a grid is readable in the MLflow UI without blurring what the model drew."""
     import torch
+    import torch.nn.functional as F
     from PIL import Image
     from torchvision.utils import make_grid
     rows = [r.detach().float().clamp(0, 1).cpu() for r in rows]
+    scale = max(1, GRID_MIN_TILE_PX // max(r.shape[-1] for r in rows))
+    if scale > 1:
+        rows = [F.interpolate(r, scale_factor=scale, mode="nearest") for r in rows]
     n = min(r.shape[0] for r in rows)
     grid = make_grid(torch.cat([r[:n] for r in rows]), nrow=n, padding=2, pad_value=1.0)
     path = Path(path)

@@ -10,10 +10,10 @@ def test_presets_load_and_match_registry(preset, model_name):
     cfg = load_config(preset)
     assert cfg.preset == preset
     expected = model_config(model_name)
-    if preset == "tiny":   # the CPU preset: tiny ViTs on 64 px images, an f8 teacher (8x8 grid), scaled init
-        expected = model_config(model_name, image_size=64, patch_size=8, num_proxy_codes=64, teacher_codebook_size=256,
+    if preset == "tiny":   # the CPU preset: tiny ViTs on 32 px images, an f4 teacher (8x8 grid), scaled init
+        expected = model_config(model_name, image_size=32, patch_size=4, num_proxy_codes=64, teacher_codebook_size=256,
                                 init_std=0.088, pixel_hidden_channels=16, pixel_z_channels=64,
-                                pixel_channel_mult=[1, 2, 2, 4], pixel_num_res_blocks=1, pixel_norm_groups=0,
+                                pixel_channel_mult=[1, 2, 4], pixel_num_res_blocks=1, pixel_norm_groups=0,
                                 pixel_shortcut="input")
     assert cfg.model == expected
 
@@ -71,7 +71,7 @@ def test_type_errors(override, match):
     ("model.teacher_codebook_size=512", "set both to the same value"),
     ("teacher.norm_groups=4", r"model.pixel_norm_groups=0 differs from teacher.norm_groups=4"),
     ("model.pixel_hidden_channels=32", "the pixel head is the teacher decoder"),
-    ("teacher.channel_mult=[1,2,4]", r"model.pixel_channel_mult=\[1, 2, 2, 4\] differs"),
+    ("teacher.channel_mult=[1,2,2,4]", r"model.pixel_channel_mult=\[1, 2, 4\] differs"),
     ("teacher.shortcut=middle", "teacher layout: shortcut='middle'"),
     ("teacher.init=xavier", "use 'torch'"),
     ("model.init_std=0", "must be > 0"),
@@ -119,8 +119,8 @@ def test_a_knob_a_stage_does_not_read_is_refused(override):
 
 
 def test_teacher_grid_must_divide_the_image():
-    with pytest.raises(ConfigError, match="multiple of the teacher's downsampling factor 8"):
-        load_config("tiny", ["model.image_size=68", "model.patch_size=4"])
+    with pytest.raises(ConfigError, match="multiple of the teacher's downsampling factor 4"):
+        load_config("tiny", ["model.image_size=34", "model.patch_size=2"])
 
 
 def test_resolved_config_round_trip(tmp_path):

@@ -108,7 +108,7 @@ def test_ensure_dataset(shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["data.synthetic_images=20", "data.synthetic_val_images=10", "run.root=runs"])
     path = ensure_dataset(cfg)
-    first = tmp_path / "runs" / "data" / "synthetic-20+10-seed0-64px"
+    first = tmp_path / "runs" / "data" / f"synthetic-20+10-seed0-{cfg.model.image_size}px"
     assert path == str(first)                                           # relative run root made absolute
     assert load_manifest(path)["counts"] == {"train": 20, "val": 10}
     mtime = (first / "manifest.json").stat().st_mtime_ns
@@ -117,7 +117,7 @@ def test_ensure_dataset(shards, tmp_path, monkeypatch):
 
     cfg.data.synthetic_images = 21                                      # another size: its own set, beside
     other = ensure_dataset(cfg)
-    assert other == str(tmp_path / "runs" / "data" / "synthetic-21+10-seed0-64px")
+    assert other == str(tmp_path / "runs" / "data" / f"synthetic-21+10-seed0-{cfg.model.image_size}px")
     assert load_manifest(other)["counts"] == {"train": 21, "val": 10}
     assert (first / "manifest.json").stat().st_mtime_ns == mtime
     (Path(other) / "manifest.json").write_text((first / "manifest.json").read_text())

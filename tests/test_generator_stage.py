@@ -74,7 +74,7 @@ def test_stage4_end_to_end_tiny(tmp_path, ray_cluster, seed_mlflow):
         "generator.sample_steps=2", "train.checkpoint_every=2", "train.log_every=1", "eval.steps=[2]",
         "eval.batch_size=5", "eval.temperature=0.0"])
     torch.manual_seed(0)
-    tok_dir = save_model(SFTok(cfg.model), tmp_path / "tokenizer")    # the tiny preset's tokenizer (64 px)
+    tok_dir = save_model(SFTok(cfg.model), tmp_path / "tokenizer")    # the tiny preset's tokenizer (32 px)
     parent = tracking.start_parent_run(cfg)
     out = run_stage4(cfg, str(tok_dir), str(shards), parent,
                      debug={"fail_after_step": 2, "marker": str(tmp_path / "failed_once")})

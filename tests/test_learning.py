@@ -77,8 +77,8 @@ def test_official_teacher_layout_is_kept_for_b64(cfg):
     arch = b64.teacher_arch()
     assert arch.channel_mult == (1, 1, 2, 2, 4) and arch.num_res_blocks == 2 and arch.norm_groups == 32
     assert arch.shortcut == "output" and b64.teacher.init == "torch" and b64.model.init_std == 0.02
-    assert cfg.teacher_arch().downsample_factor == 8
-    assert cfg.model.num_proxy_codes == (cfg.model.image_size // 8) ** 2
+    factor = cfg.teacher_arch().downsample_factor
+    assert factor == 4 and cfg.model.num_proxy_codes == (cfg.model.image_size // factor) ** 2 == 64
 
 
 def test_tiny_stage1_learns_teacher_codes_beyond_the_majority_code(cfg):
@@ -86,7 +86,7 @@ def test_tiny_stage1_learns_teacher_codes_beyond_the_majority_code(cfg):
     by 30 points of token accuracy (the gradient reaches the decoder, the encoder and the latent tokens)."""
     torch.manual_seed(0)
     images = _images(8, cfg.model.image_size)
-    # target codes: each 8x8 patch's mean colour quantised to 4 levels per channel (64 of the 256 codes),
+    # target codes: each f x f patch's mean colour quantised to 4 levels per channel (64 of the 256 codes),
     # a fixed, learnable function of the image standing in for a trained teacher's codes
     f = cfg.model.image_size // int(cfg.model.num_proxy_codes ** 0.5)
     level = (F.avg_pool2d(images, f) * 3.999).floor().long()                    # [8,3,8,8] in 0..3

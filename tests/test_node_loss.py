@@ -58,7 +58,7 @@ def test_a_stage_survives_losing_a_node(tmp_path, monkeypatch):
             f"tracking.uri=http://127.0.0.1:{port}", "tracking.system_metrics=false"])
         connect(cfg)                               # join the cluster before anything else starts a Ray
         shards = tmp_path / "shards"
-        prepare_synthetic(shards, 32, num_val=8, image_size=64, quiet=True)
+        prepare_synthetic(shards, 32, num_val=8, image_size=cfg.model.image_size, quiet=True)
         t = cfg.teacher
         torch.manual_seed(0)
         ckpt.save_teacher(MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, cfg.teacher_arch()),

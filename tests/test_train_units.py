@@ -151,16 +151,16 @@ def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
     pyfunc = mlflow.pyfunc.load_model(uri2)
     assert [s.name for s in pyfunc.metadata.get_input_schema().inputs] == ["image"]
-    png = example_image(96)                              # resized + centre-cropped to the model's 64 px
+    png = example_image(96)                              # resized + centre-cropped to the model's 32 px
     out = pyfunc.predict(pd.DataFrame({"image": [png, png]}))
     assert list(out.columns) == ["tokens"] and len(out["tokens"][0]) == 64 and out["tokens"][0] == out["tokens"][1]
     with torch.no_grad():
         from sftok_platform.data.transforms import eval_transform, to_chw_float
-        direct = model.encode(torch.from_numpy(to_chw_float([eval_transform(png, 64)])))
+        direct = model.encode(torch.from_numpy(to_chw_float([eval_transform(png, cfg.model.image_size)])))
     assert out["tokens"][0] == direct[0].tolist(), "the pyfunc must tokenize exactly like the library"
     rec = pyfunc.predict(pd.DataFrame({"image": [png]}), params={"task": "reconstruct", "steps": 2})
     img = Image.open(io.BytesIO(rec["image"][0]))
-    assert img.format == "PNG" and img.size == (64, 64)
+    assert img.format == "PNG" and img.size == (cfg.model.image_size,) * 2
     with pytest.raises(Exception, match="params.task"):
         pyfunc.predict(pd.DataFrame({"image": [png]}), params={"task": "generate"})
 
@@ -176,7 +176,7 @@ def test_registered_model_is_a_pyfunc_and_the_alias_moves_only_when_promoted(tmp
     stage2 = save_model(SFTok(dataclasses.replace(cfg.model, pixel_head=False)), tmp_path / "stage2")
     no_head = mlflow.pyfunc.load_model(str(save_pyfunc(stage2, tmp_path / "pyfunc12", teacher_dir=tmp_path / "teacher")))
     rec = no_head.predict(pd.DataFrame({"image": [png]}), params={"task": "reconstruct", "steps": 2})
-    assert Image.open(io.BytesIO(rec["image"][0])).size == (64, 64)
+    assert Image.open(io.BytesIO(rec["image"][0])).size == (cfg.model.image_size,) * 2
 
 
 def test_run_closed_by_sets_the_end_status_of_every_outcome(tmp_path, seed_mlflow):
@@ -329,7 +329,7 @@ def test_each_stage_takes_an_optimiser_step(tmp_path, stage):
     parts = build_stage(stage, cfg, inputs, torch.device("cpu"))
     before = {k: v.clone() for k, v in parts.model.state_dict().items()}
     opt = torch.optim.AdamW(parts.trainable_parameters(), lr=1e-2)
-    images = torch.rand(4, 3, 64, 64)
+    images = torch.rand(4, 3, cfg.model.image_size, cfg.model.image_size)
     loss, metrics = parts.step_module()(images, 0)
     assert torch.isfinite(loss) and "loss" in metrics
     loss.backward()
@@ -366,7 +366,7 @@ def test_train_compile_keeps_names_and_the_eager_loss(tmp_path):
     t = MaskGITVQGAN(tc.hidden_channels, tc.codebook_size, tc.z_channels, cfg.teacher_arch())
     ckpt.save_teacher(t, tmp_path / "teacher", hidden_channels=tc.hidden_channels, codebook_size=tc.codebook_size,
                       z_channels=tc.z_channels, arch=cfg.teacher_arch())
-    images = torch.rand(4, 3, 64, 64)
+    images = torch.rand(4, 3, cfg.model.image_size, cfg.model.image_size)
 
     def step(compiled: bool):
         torch.manual_seed(0)
@@ -436,3 +436,19 @@ def test_step_journal_writes_only_on_flush(tmp_path):
     entries = ckpt.read_journal(paths)
     assert [e["step"] for e in entries] == [0, 1, 2] and entries[1]["loss"] == 2.5
     assert entries[2]["loss"] != entries[2]["loss"]                                # NaN kept, not dropped
+
+
+def test_image_grids_enlarge_small_images_without_blurring(tmp_path):
+    """32 px reconstructions (the tiny preset) become 64 px tiles, each pixel a 2x2 block of its own value;
+    64 px and larger images are written at their own size."""
+    from PIL import Image
+    small = torch.rand(3, 3, 32, 32)
+    path = tracking.save_image_grid([small, 1 - small], ["input", "other"], tmp_path / "g.png")
+    grid = np.asarray(Image.open(path))
+    assert grid.shape == (2 + 2 * (64 + 2), 2 + 3 * (64 + 2), 3)
+    first = grid[2:66, 2:66].astype(int)                          # the first tile, padding 2
+    expect = (small[0].permute(1, 2, 0).numpy() * 255).round().astype(int)
+    assert np.array_equal(first[::2, ::2], expect) and np.array_equal(first[1::2, 1::2], expect)
+    assert path.with_suffix(".txt").read_text().startswith("rows (top to bottom): input, other")
+    big = tracking.save_image_grid([torch.rand(2, 3, 64, 64)], ["input"], tmp_path / "b.png")
+    assert np.asarray(Image.open(big)).shape == (2 + 66, 2 + 2 * 66, 3)
