@@ -106,12 +106,14 @@ class MlflowUI:
         in stages (run data, then one request per metric chart, then images), and on a loaded 2-core
         machine a single load sometimes ended before the later stages: the page is loaded again, up to
         ``loads`` times, until every ``wait_for`` text is in it (3 loads were once not enough for a stage's
-        model-metrics tab in a full-suite run). The caller asserts on what comes back.
+        model-metrics tab in a full-suite run), each time with twice the budget (5 loads of 10 s were once
+        not enough either, in a full-suite run at 2026-12-07 night). The caller asserts on what comes back.
         The tall window puts every chart section in view."""
         html = ""
-        for _ in range(loads):
+        for attempt in range(loads):
+            budget = budget_ms * 2 ** attempt
             out = subprocess.run([self.browser, *CHROMIUM_FLAGS, f"--user-data-dir={self.profile}/chrome",
-                                  "--window-size=1600,4000", f"--virtual-time-budget={budget_ms}", "--dump-dom",
+                                  "--window-size=1600,4000", f"--virtual-time-budget={budget}", "--dump-dom",
                                   self.base + fragment], capture_output=True, text=True, timeout=240)
             assert out.returncode == 0 and "<html" in out.stdout, out.stderr[-2000:]
             html = out.stdout

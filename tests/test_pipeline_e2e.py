@@ -220,7 +220,8 @@ def test_the_mlflow_ui_shows_the_run_its_stages_and_their_image_grids(pipeline):
         for stage, run_id in stage_ids.items():      # the parent page links each child run by name
             assert f'href="#/experiments/{exp_id}/runs/{run_id}">e2e-{stage}<' in html, stage
 
-        html = ui.page(f"#/experiments/{exp_id}/runs/{stage_ids['stage1']}/model-metrics", 'class="rc-image-img"')
+        html = ui.page(f"#/experiments/{exp_id}/runs/{stage_ids['stage1']}/model-metrics", 'class="rc-image-img"',
+                       "stage1_recon", "val_loss")
         assert "stage1_recon" in html and "val_loss" in html
         assert "No image logged at this step" not in html     # the image view opens at step 0: one is there
         src = re.search(r'<img class="rc-image-img" src="(get-artifact\?path=images%2Fstage1_recon[^"]+)"', html)
