@@ -1,7 +1,8 @@
 """MaskGIT-VQGAN f16 (the open-muse port TiTok and SFTok use): the teacher and the stage-3 pixel head (SPEC B.4).
 
-Convolutions use TensorFlow "same" padding (timm's ``create_conv2d(padding="same")``: a static symmetric
-pad for the stride-1 convs used here, so channels-last kernels apply). GroupNorm(32, eps 1e-6) + SiLU, no
+Convolutions use TensorFlow "same" padding, which for the stride-1, odd-kernel convs used here is a static
+symmetric pad: the plain ``nn.Conv2d`` that timm's ``create_conv2d(padding="same")`` builds for them, made
+directly (importing ``timm.layers`` pulls in torchvision and ``torch._dynamo``, ~1 s in every process). GroupNorm(32, eps 1e-6) + SiLU, no
 attention. Quirk kept on purpose: in a ResNet block whose channel count changes, the 1x1 ``nin_shortcut``
 is applied to the block's *output* (out = h + nin(h)); the released weights depend on it.
 
@@ -22,7 +23,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from timm.layers import create_conv2d
 from torch import nn
 
 from sftok.weights import read_state_dict
@@ -74,7 +74,9 @@ OFFICIAL_ARCH = VQGANArch()
 
 
 def _conv(cin: int, cout: int, k: int, bias: bool = True) -> nn.Conv2d:
-    return create_conv2d(cin, cout, k, stride=1, padding="same", bias=bias)
+    if k % 2 != 1:
+        raise ValueError(f"kernel size {k}: TF 'same' padding is a static symmetric pad only for odd kernels")
+    return nn.Conv2d(cin, cout, k, padding=(k - 1) // 2, bias=bias)
 
 
 def _norm(c: int, groups: int = 32) -> nn.Module:

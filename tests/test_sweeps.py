@@ -232,7 +232,9 @@ def ablation(env, tmp_path_factory):
     # the sweep and every process of its job are dead: what they left is final
     trials = {k: {"done": done(k), "checkpoints": _recorded_checkpoints(sweep_runs / k),
                   "starts": len(_journal_starts(sweep_runs / k / "stages" / "stage2"))} for k in ABLATION_KEYS}
-    killed = {"returncode": proc.returncode, "trials": trials, "log": log.read_text()[-3000:]}
+    text = log.read_text()
+    killed = {"returncode": proc.returncode, "trials": trials, "log": text[-3000:],
+              "progress_bar_lines": sum(" row/s]" in line for line in text.splitlines())}
     if not (any(t["done"] for t in trials.values()) and any(mid_training(k) for k in ABLATION_KEYS)):
         pytest.fail(f"the sweep was not caught mid-trial after a finished trial: {killed}")
     cfg = _cfg(env, ABLATION_EXTRA)
@@ -249,6 +251,7 @@ def test_ablation_end_to_end(ablation):
     from sftok_platform import tracking
     from sftok_platform.sweeps import runs
     cfg, res, ds = ablation["cfg"], ablation["res"], ablation["ds"]
+    assert ablation["killed"]["progress_bar_lines"] == 0      # no Ray Data bars from the trials' workers
     assert [r["status"] for r in res.rows] == ["finished"] * 4
     assert [(r["warmup"], r["replace_prob"]) for r in res.rows] == [(True, 0.0), (True, 1.0), (False, 0.0), (False, 1.0)]
     for r in res.rows:

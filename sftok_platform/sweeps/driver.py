@@ -131,6 +131,15 @@ def prepare_shared(ctx: SweepContext, *, need_stage1: bool, echo: Callable[[str]
 # Trainables
 # ######################################################################################################
 
+def _quiet_ray_data() -> None:
+    """No Ray Data progress bars from a trial. Its datasets are created here and travel, context included,
+    to the Train workers, whose bars (one per operator, redrawn with cursor escapes) reach the sweep's
+    console through Ray's log forwarding: the 12-trial laptop ablation wrote an 11 MB log, 434k lines of
+    them. Tune's status table already shows where a sweep is; a trial's own progress is in its MLflow run."""
+    from ray.data import DataContext
+    DataContext.get_current().enable_progress_bars = False
+
+
 def train_trial(config: dict, ctx: SweepContext) -> None:
     """One training trial: (stage 1 when the trial owns its warm-up) -> stage 2 -> final figures.
 
@@ -141,6 +150,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     from ray import tune
 
     from sftok_platform.train import run_stage
+    _quiet_ray_data()
     params = {k: v for k, v in config.items()}
     key = trial_key(params, tune.get_context().get_trial_id())
     base = ctx.config()
@@ -184,6 +194,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
 def eval_trial(config: dict, ctx: SweepContext) -> None:
     """One decode-steps trial: evaluate the fixed export at ``config["steps"]`` decoding steps (no training)."""
     from ray import tune
+    _quiet_ray_data()
     steps = int(config["steps"])
     cfg = ctx.config()
     uri = tracking.tracking_uri(cfg)
