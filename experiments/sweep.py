@@ -7,7 +7,7 @@ on (stage 2 starts from the stage-1 weights; stage 1 is trained once and shared 
     python experiments/sweep.py replace-ratio --preset tiny
     python experiments/sweep.py replace-ratio --preset tiny --ratios 0,1 --warmup on --seeds 0,1
 
-The laptop ablation (README, "The laptop ablation"; 27.5 minutes on a 2-core VM with the tiny preset): SFVR
+The laptop ablation (README, "The laptop ablation"; 25 minutes on a 2-core VM with the tiny preset): SFVR
 (replace_prob 1.0) against vanilla (0.0), warm-up on and off, seeds 0,1,2 (12 stage-2 trials on a shared
 teacher and stage 1), then a decode-steps sweep (1,2,4,8) on the first seed's SFVR warm-up export::
 
