@@ -2,8 +2,8 @@
 
 Convolutions use TensorFlow "same" padding, which for the stride-1, odd-kernel convs used here is a static
 symmetric pad: the plain ``nn.Conv2d`` that timm's ``create_conv2d(padding="same")`` builds for them, made
-directly (importing ``timm.layers`` pulls in torchvision and ``torch._dynamo``, ~1 s in every process). GroupNorm(32, eps 1e-6) + SiLU, no
-attention. Quirk kept on purpose: in a ResNet block whose channel count changes, the 1x1 ``nin_shortcut``
+directly (importing ``timm.layers`` pulls in torchvision and ``torch._dynamo``, ~1 s in every process).
+GroupNorm(32, eps 1e-6) + SiLU, no attention. Quirk kept on purpose: in a ResNet block whose channel count changes, the 1x1 ``nin_shortcut``
 is applied to the block's *output* (out = h + nin(h)); the released weights depend on it.
 
 Modules are constructed in the official order so that ``torch.manual_seed(s)`` + construction draws the
