@@ -42,9 +42,9 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     connect(None, num_cpus=4)
     shards = root / "shards"
-    prepare_synthetic(shards, 32, num_val=8, image_size=64, quiet=True)
-    t = load_config("tiny").teacher
-    arch = load_config("tiny").teacher_arch()
+    tiny = load_config("tiny")
+    prepare_synthetic(shards, 32, num_val=8, image_size=tiny.model.image_size, quiet=True)
+    t, arch = tiny.teacher, tiny.teacher_arch()
     torch.manual_seed(0)
     ckpt.save_teacher(MaskGITVQGAN(t.hidden_channels, t.codebook_size, t.z_channels, arch), root / "teacher",
                       hidden_channels=t.hidden_channels, codebook_size=t.codebook_size, z_channels=t.z_channels,
