@@ -13,6 +13,7 @@ teacher and stage 1), then a decode-steps sweep (1,2,4,8) on the first seed's SF
 
     python experiments/sweep.py ablation
     python experiments/sweep.py ablation --seeds 0,1,2,3,4 eval.stage_val_images=64
+    python experiments/sweep.py ablation --warmup on        # half the trials: SFVR vs vanilla after warm-up
 
 Decoding steps on a fixed checkpoint (eval only, no training; paper Fig. 8 / SPEC F.3)::
 
@@ -43,9 +44,11 @@ Resources per trial: each training trial runs ``train.workers`` Ray Train worker
 trials take ``--eval-cpus``/``--eval-gpus`` each (fractional GPUs are fine there: one process per trial).
 ``--concurrency`` caps trials at once (default: what the cluster fits).
 
-Interrupted sweeps: rerun the same command with ``--resume`` (same ``--name``). Tune restores the
-experiment (``Tuner.restore``): finished trials are kept, and an interrupted trial resumes its stages by
-name from their last Ray Train checkpoints. Without ``--resume`` an existing sweep name is refused.
+Interrupted sweeps: rerun the same command with ``--resume`` (same ``--name``). A grid (replace-ratio,
+ablation, decode-steps) runs again: finished trials report the figures they recorded (``runs/<trial>/
+trial.json``) without training, an interrupted trial resumes its stages by name from their last Ray Train
+checkpoints, the rest start. A search is restored with ``Tuner.restore`` (Optuna's and ASHA's state live
+in Tune's files). Without ``--resume`` an existing sweep name is refused.
 
 Other flags mirror ``experiments/full_pipeline.py``: ``--config FILE``, ``--data``, ``--root``,
 ``--tracking-uri``, ``--name``, and dotted overrides (``stage2.steps=200 train.log_every=10`` or ``--set``).
@@ -104,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the laptop ablation: SFVR vs vanilla x warm-up on/off x seeds, then decode steps")
     ab.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="comma-separated seed offsets (default 0,1,2)")
     ab.add_argument("--steps", type=_ints, default=[1, 2, 4, 8], help="decoding steps of the second sweep")
+    ab.add_argument("--warmup", type=_onoff, default=[True, False],
+                    help="on | off | on,off (default): 'on' halves the trials (SFVR vs vanilla after warm-up only)")
     ds = sub.add_parser("decode-steps", parents=[common], help="evaluate one checkpoint at 1,2,4,8,16 steps")
     ds.add_argument("--checkpoint", required=True, help="stage export dir (model.safetensors + config.json)")
     ds.add_argument("--steps", type=_ints, default=[1, 2, 4, 8, 16], help="comma-separated decoding steps")
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                **common)
         elif args.kind == "ablation":
             from sftok_platform.sweeps import run_ablation
-            grid, decode = run_ablation(cfg, seeds=args.seeds, steps=args.steps, **common)
+            grid, decode = run_ablation(cfg, seeds=args.seeds, steps=args.steps, warmup=args.warmup, **common)
             print(f"\nablation: sweep {grid.name!r} ({len(grid.rows)} trials, {grid.seconds:.0f}s) and "
                   f"{decode.name!r} ({len(decode.rows)} trials, {decode.seconds:.0f}s); reports in "
                   f"{Path(grid.report_files['markdown']).parent} and {Path(decode.report_files['markdown']).parent}")

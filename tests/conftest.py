@@ -28,6 +28,10 @@ for _key, _value in {
     # Ray's memory monitor kills workers when the *node* is 95% full, whoever fills it; on a shared box
     # other jobs' memory then kills these tests' trials (seen: ASHA lost its reference trial).
     "RAY_memory_monitor_refresh_ms": "0",
+    # `mlflow ui` / `mlflow server` (the browser tests, the node-loss test's tracking server) start a job
+    # runner and seven huey consumer processes for MLflow's GenAI jobs, each importing MLflow (~3 s of CPU):
+    # ~27 s of CPU per server for a feature no test uses.
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
 }.items():
     os.environ.setdefault(_key, _value)
 

@@ -140,6 +140,27 @@ def _quiet_ray_data() -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
+TRIAL_RESULT = "trial.json"
+
+
+def _finished_result(cfg: Config) -> Optional[dict]:
+    """What a finished trial reported to Tune (``<trial run dir>/trial.json``), or None: a resumed grid
+    sweep reruns every trial, and a finished one reports this again instead of evaluating again."""
+    path = tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _report_finished(cfg: Config, result: dict) -> None:
+    """Record a finished trial's figures (atomically: a kill leaves the old file or the new one), then report."""
+    from ray import tune
+    path = tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, path)
+    tune.report(result)
+
+
 def train_trial(config: dict, ctx: SweepContext) -> None:
     """One training trial: (stage 1 when the trial owns its warm-up) -> stage 2 -> final figures.
 
@@ -157,6 +178,10 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     overrides = trial_overrides(params, base, budget=ctx.budget or None)
     overrides["run.name"] = key
     cfg = ctx.config(overrides)
+    done = _finished_result(cfg)
+    if done is not None:
+        tune.report(done)
+        return
     uri = tracking.tracking_uri(cfg)
     own_warmup = ctx.kind == "search" and cfg.stage1.steps > 0
     objective_key = reporting.objective(cfg)[0] if ctx.kind == "search" else ""
@@ -188,7 +213,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
             final["objective"] = final.get(objective_key, float("nan"))
         runs.log_metrics(uri, run_id, final, step=final["sweep_step"])
         tracking.client(uri).set_tag(run_id, "sftok.export", s2.checkpoint_dir)
-    tune.report({**final, "trial_key": key, "stage": "done", "export": s2.checkpoint_dir})
+    _report_finished(cfg, {**final, "trial_key": key, "stage": "done", "export": s2.checkpoint_dir})
 
 
 def eval_trial(config: dict, ctx: SweepContext) -> None:
@@ -196,9 +221,13 @@ def eval_trial(config: dict, ctx: SweepContext) -> None:
     from ray import tune
     _quiet_ray_data()
     steps = int(config["steps"])
-    cfg = ctx.config()
-    uri = tracking.tracking_uri(cfg)
     key = trial_key(config)
+    cfg = ctx.config({"run.name": key})
+    done = _finished_result(cfg)
+    if done is not None:
+        tune.report(done)
+        return
+    uri = tracking.tracking_uri(cfg)
     run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, {"steps": steps, "checkpoint": ctx.checkpoint})
     t0 = time.time()
     with tracking.run_closed_by(uri, run_id):
@@ -206,7 +235,7 @@ def eval_trial(config: dict, ctx: SweepContext) -> None:
         metrics = {k.replace(f"_{steps}step", ""): v for k, v in metrics.items()}
         metrics["eval_seconds"] = time.time() - t0
         runs.log_metrics(uri, run_id, metrics, step=steps)
-    tune.report({**metrics, "steps": steps, "trial_key": key, "trial_done": 1.0})
+    _report_finished(cfg, {**metrics, "steps": steps, "trial_key": key, "trial_done": 1.0})
 
 
 # ######################################################################################################
@@ -286,6 +315,17 @@ class SweepResult:
     seconds: float
     result_grid: Any = None
     teacher: str = ""              # the teacher the trials used (stage-0 export or teacher.weights)
+
+
+def _check_tune_state(tune_path: Path) -> None:
+    """Refuse to restore a search whose newest Tune state file is empty (a kill during Tune's state upload
+    leaves it so, and the restore would silently start a different experiment)."""
+    for pattern in ("experiment_state-*.json", "*-state-*.json", "*-state-*.pkl"):
+        newest = max(tune_path.glob(pattern), key=lambda p: p.name, default=None)
+        if newest is not None and newest.stat().st_size == 0:
+            raise RuntimeError(f"{newest} is empty: the search was killed while Tune saved its state, so it "
+                               f"cannot be restored. Its finished trials stay in MLflow; start the search again "
+                               f"under a new --name.")
 
 
 def _sweep_dir(cfg: Config, name: str) -> Path:
@@ -391,11 +431,23 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
              f"[sweep] {name}: decode-steps on {checkpoint}, up to {max_concurrent} trial(s), {per_trial} each")
         run_config = tune.RunConfig(name=TUNE_DIR, storage_path=str(sweep_dir),
                                     failure_config=tune.FailureConfig(max_failures=0))
-        if exists and resume:
+        if exists and resume and kind == "search":
+            # Optuna's and ASHA's state live only in Tune's experiment files: restore them
+            _check_tune_state(tune_path)
             echo(f"[sweep] restoring {tune_path} (finished trials are kept, interrupted ones resume by name)")
             tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=True)
         else:
+            if exists and resume:
+                # A grid is fixed and its trials are named by their parameters, so the grid is simply run
+                # again: finished trials report their recorded figures (trial.json), interrupted ones resume
+                # their stages from the last Ray Train checkpoints, the rest start. Tuner.restore is not
+                # used: a SIGKILL during Tune's own state upload once left its searcher state empty, and
+                # the restored sweep then ran one trial with no parameters and lost the others.
+                kept = tune_path.with_name(f"{TUNE_DIR}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+                tune_path.rename(kept)
+                echo(f"[sweep] resuming: the grid runs again (finished trials are kept, interrupted ones resume "
+                     f"from their checkpoints); Tune's old state moved to {kept.name}")
             tuner = tune.Tuner(trainable, param_space=space, run_config=run_config,
                                tune_config=_tune_config(kind, base, trials, max_concurrent, asha, grace_steps,
                                                         optuna_seed, points_to_evaluate))
@@ -420,24 +472,32 @@ ABLATION_RATIOS = (0.0, 1.0)
 
 
 def run_ablation(cfg: Config, *, name: Optional[str] = None, seeds=(0, 1, 2), steps=(1, 2, 4, 8),
-                 resume: bool = False, echo: Callable[[str], None] = print, **sweep_kwargs):
+                 warmup=(True, False), resume: bool = False, echo: Callable[[str], None] = print,
+                 **sweep_kwargs):
     """The laptop ablation (README, "The laptop ablation"): SFVR (replace_prob 1.0) against vanilla (0.0),
-    with and without warm-up, one trial per seed; then a decode-steps sweep on the export of the first
-    seed's SFVR warm-up trial. Two sweeps, ``<name>`` and ``<name>-decode-steps``; returns both results.
+    with and without warm-up (``warmup``: both by default; ``(True,)`` halves the trials when only the
+    SFVR-vs-vanilla comparison is wanted), one trial per seed; then a decode-steps sweep on the export of the
+    first seed's SFVR trial (the warm-up one where it ran). Two sweeps, ``<name>`` and
+    ``<name>-decode-steps``; returns both results.
 
     ``sweep_kwargs`` go to both :func:`run_sweep` calls (``concurrency``, ``num_cpus``, ``evaluation`` ...).
     """
     if not seeds:
         raise ConfigError("the ablation needs at least one seed, e.g. --seeds 0,1,2.")
+    warmup = tuple(dict.fromkeys(bool(w) for w in warmup))
+    if not warmup:
+        raise ConfigError("the ablation needs a warm-up setting: --warmup on, off or on,off.")
     name = name or "ablation"
     grid = run_sweep("replace-ratio", cfg, name=name, resume=resume, ratios=ABLATION_RATIOS,
-                     warmup=(True, False), seeds=seeds, echo=echo, **sweep_kwargs)
+                     warmup=warmup, seeds=seeds, echo=echo, **sweep_kwargs)
     export = next((r.metrics.get("export") for r in grid.result_grid
                    if r.error is None and (r.config or {}).get("replace_prob") == 1.0
-                   and (r.config or {}).get("warmup") and (r.config or {}).get("seed") == seeds[0]), None)
+                   and bool((r.config or {}).get("warmup")) == warmup[0]
+                   and (r.config or {}).get("seed") == seeds[0]), None)
     if not export:
-        raise RuntimeError(f"sweep {name!r}: the SFVR warm-up trial of seed {seeds[0]} has no export, so the "
-                           f"decode-steps half cannot run; finish the sweep with --resume first.")
+        raise RuntimeError(f"sweep {name!r}: the SFVR {'warm-up' if warmup[0] else 'no-warm-up'} trial of seed "
+                           f"{seeds[0]} has no export, so the decode-steps half cannot run; finish the sweep "
+                           f"with --resume first.")
     decode_kwargs = {k: v for k, v in sweep_kwargs.items() if k in ("num_cpus", "concurrency")}
     decode = run_sweep("decode-steps", cfg, name=f"{name}-decode-steps", resume=resume, checkpoint=export,
                        teacher=grid.teacher, steps=list(steps), echo=echo, **decode_kwargs)
