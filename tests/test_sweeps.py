@@ -505,3 +505,16 @@ def test_ablation_warmup_switch_picks_the_trials_and_the_decode_export(monkeypat
     assert kind2 == "decode-steps" and decode_kwargs["checkpoint"] == "/x/rp1.0-wu0-s3"
     with pytest.raises(ConfigError, match="--warmup on"):
         driver.run_ablation(cfg, seeds=(0,), warmup=(), echo=lambda _: None)
+
+
+def test_a_search_with_an_empty_tune_state_file_is_refused(tmp_path):
+    """A search restores Tune's files; where a kill left the newest searcher state empty (seen with a grid's
+    ``basic-variant-state``), the restore is refused with what to do instead of silently starting over."""
+    from sftok_platform.sweeps.driver import _check_tune_state
+    (tmp_path / "experiment_state-2026-12-07_21-15-18.json").write_text("{}")
+    (tmp_path / "searcher-state-2026-12-07_21-10-00.pkl").write_bytes(b"old")
+    (tmp_path / "tmp-searcher-state-2026-12-07_21-15-18.pkl").write_bytes(b"")     # a temporary: ignored
+    _check_tune_state(tmp_path)
+    (tmp_path / "searcher-state-2026-12-07_21-15-18.pkl").write_bytes(b"")
+    with pytest.raises(RuntimeError, match="searcher-state-2026-12-07_21-15-18.pkl is empty.*new --name"):
+        _check_tune_state(tmp_path)

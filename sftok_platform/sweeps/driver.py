@@ -320,10 +320,16 @@ class SweepResult:
 def _check_tune_state(tune_path: Path) -> None:
     """Refuse to restore a search whose newest Tune state file is empty (a kill during Tune's state upload
     leaves it so, and the restore would silently start a different experiment)."""
-    for pattern in ("experiment_state-*.json", "*-state-*.json", "*-state-*.pkl"):
-        newest = max(tune_path.glob(pattern), key=lambda p: p.name, default=None)
-        if newest is not None and newest.stat().st_size == 0:
-            raise RuntimeError(f"{newest} is empty: the search was killed while Tune saved its state, so it "
+    newest: dict[str, Path] = {}          # per kind of state file (experiment, searcher, ...): the newest
+    for path in tune_path.glob("*state-*"):
+        if path.name.startswith("tmp"):            # Tune's half-written temporaries are never read
+            continue
+        kind = path.name.rsplit("state-", 1)[0]
+        if kind not in newest or path.name > newest[kind].name:      # names end in a sortable timestamp
+            newest[kind] = path
+    for path in newest.values():
+        if path.stat().st_size == 0:
+            raise RuntimeError(f"{path} is empty: the search was killed while Tune saved its state, so it "
                                f"cannot be restored. Its finished trials stay in MLflow; start the search again "
                                f"under a new --name.")
 
