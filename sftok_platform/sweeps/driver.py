@@ -143,17 +143,21 @@ def _quiet_ray_data() -> None:
 TRIAL_RESULT = "trial.json"
 
 
+def _trial_result_path(cfg: Config) -> Path:
+    return tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
+
+
 def _finished_result(cfg: Config) -> Optional[dict]:
     """What a finished trial reported to Tune (``<trial run dir>/trial.json``), or None: a resumed grid
     sweep reruns every trial, and a finished one reports this again instead of evaluating again."""
-    path = tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
+    path = _trial_result_path(cfg)
     return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _report_finished(cfg: Config, result: dict) -> None:
     """Record a finished trial's figures (atomically: a kill leaves the old file or the new one), then report."""
     from ray import tune
-    path = tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
+    path = _trial_result_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
