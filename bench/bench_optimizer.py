@@ -2,6 +2,8 @@
 
     python bench/bench_optimizer.py --teacher runs/tiny/stages/stage0/export              # stages 1-3
     python bench/bench_optimizer.py --teacher DIR --stages stage1 --steps stage1=300      # stage 1 alone
+    python bench/bench_optimizer.py --teacher DIR --init STAGE1_EXPORT --stages stage2 --steps stage2=600 \
+        --optimizers muon                                  # stage 2 alone, from a given stage-1 export
 
 The README's table ("The laptop default", "What changed: Muon") comes from this loop. It is the training
 loop without Ray: the real stage tasks (``build_stage``), the preset's schedule, gradient clipping and EMA,
@@ -63,6 +65,11 @@ def train_stage(stage: str, cfg, inputs: dict, train_u8, val, every: int, export
     ema = EMA(task.model, cfg.train.ema_decay)
     module, data = task.step_module(), batches(train_u8, st.global_batch_size, cfg.train.seed)
     start, figures = time.perf_counter(), {}
+    if stage != "stage1":          # where the stage starts: the export it was initialised from
+        task.model.eval()
+        with torch.no_grad():
+            shown = {k: v for k, v in task.validate(task.model, val).items() if k.startswith(("accuracy", "psnr"))}
+        print(f"[{tag} {stage}] step 0/{st.steps} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()), flush=True)
     for step in range(st.steps):
         set_lr(optimizer, lr_at(step, st))
         module.train()
@@ -91,6 +98,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", required=True, help="stage-0 export dir (teacher.safetensors + teacher.json)")
     ap.add_argument("--stages", default="stage1,stage2,stage3", help="comma-separated, from stage1..stage3")
+    ap.add_argument("--init", help="export the first of --stages starts from (default: the previous stage's "
+                    "export of this run, so --stages must then begin at stage1)")
     ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N", help="override a stage's steps")
     ap.add_argument("--optimizers", default="adamw,muon", help="comma-separated: adamw, muon")
     ap.add_argument("--train", type=int, default=8192, help="synthetic train images")
@@ -102,6 +111,12 @@ def main(argv=None) -> int:
     stages = [s for s in STAGES if s in args.stages.split(",")]
     if not stages or any(s not in STAGES for s in args.stages.split(",")):
         ap.error(f"--stages: choose from {', '.join(STAGES)}")
+    first = STAGES.index(stages[0])
+    if stages != list(STAGES[first:first + len(stages)]):
+        ap.error(f"--stages {args.stages}: each stage starts from the one before it; list consecutive stages")
+    if stages[0] != "stage1" and not (args.init and Path(args.init).is_dir()):
+        ap.error(f"{stages[0]} starts from an export: include the stages before it in --stages, or pass "
+                 f"--init <the previous stage's export directory>")
     if not (Path(args.teacher) / "teacher.json").is_file():
         ap.error(f"--teacher {args.teacher}: no teacher.json there; pass a stage-0 export directory")
     torch.set_num_threads(args.threads)
@@ -115,13 +130,10 @@ def main(argv=None) -> int:
         for name in args.optimizers.split(","):
             cfg = load_config("tiny", overrides + [f"{s}.optimizer={name}" for s in STAGES])
             out, inputs = Path(tmp) / name, {"teacher": args.teacher}
-            for stage in stages:
-                if stage == "stage2":
-                    inputs["init"] = str(out / "stage1")
-                if stage == "stage3":
-                    inputs["init"] = str(out / "stage2")
-                if stage != "stage1" and not Path(inputs["init"]).is_dir():
-                    ap.error(f"{stage} starts from the previous stage's export: include it in --stages")
+            for i, stage in enumerate(stages):
+                if stage != "stage1":
+                    previous = STAGES[STAGES.index(stage) - 1]
+                    inputs["init"] = args.init if (i == 0 and args.init) else str(out / previous)
                 results[(name, stage)] = train_stage(stage, cfg, inputs, train_u8, val, args.every,
                                                      out / stage, name)
     print(f"\n{args.val} val images, threads {args.threads}, load {os.getloadavg()[0]:.2f}")
