@@ -101,6 +101,8 @@ def main(argv=None) -> int:
     ap.add_argument("--init", help="export the first of --stages starts from (default: the previous stage's "
                     "export of this run, so --stages must then begin at stage1)")
     ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N", help="override a stage's steps")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other config override, e.g. stage1.lr=0.003 (repeatable)")
     ap.add_argument("--optimizers", default="adamw,muon", help="comma-separated: adamw, muon")
     ap.add_argument("--train", type=int, default=8192, help="synthetic train images")
     ap.add_argument("--val", type=int, default=64, help="synthetic val images")
@@ -120,7 +122,7 @@ def main(argv=None) -> int:
     if not (Path(args.teacher) / "teacher.json").is_file():
         ap.error(f"--teacher {args.teacher}: no teacher.json there; pass a stage-0 export directory")
     torch.set_num_threads(args.threads)
-    overrides = [f"train.seed={args.seed}"] + [f"{s.split('=')[0]}.steps={s.split('=')[1]}" for s in args.steps]
+    overrides = [f"train.seed={args.seed}"] + [f"{s.split('=')[0]}.steps={s.split('=')[1]}" for s in args.steps] + args.set
     base = load_config("tiny", overrides)
     size = base.model.image_size
     print(f"drawing {args.train} + {args.val} synthetic images at {size} px ...", flush=True)
