@@ -116,6 +116,8 @@ def main(argv=None) -> int:
     first = STAGES.index(stages[0])
     if stages != list(STAGES[first:first + len(stages)]):
         ap.error(f"--stages {args.stages}: each stage starts from the one before it; list consecutive stages")
+    if args.init and stages[0] == "stage1":
+        ap.error("--init is for a run that starts after stage 1 (stage 1 starts from a fresh model)")
     if stages[0] != "stage1" and not (args.init and Path(args.init).is_dir()):
         ap.error(f"{stages[0]} starts from an export: include the stages before it in --stages, or pass "
                  f"--init <the previous stage's export directory>")

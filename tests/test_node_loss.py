@@ -46,8 +46,8 @@ def test_a_stage_survives_losing_a_node(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dash}")
     # The GCS declares a node dead after `health_check_failure_threshold` missed checks (defaults: every 3 s,
     # 10 s timeout, 5 misses: ~15 s). Until then the restarted group's placement group can wait for the lost
-    # node's CPUs; 1 s / 3 s / 3 misses here cut the stage's restart from ~18 s to ~10 s and still leave a
-    # node of a loaded 2-core machine ~6 s to answer.
+    # node's CPUs; 1 s / 3 s / 3 misses here cut the stage's restart from ~18 s to ~12 s and still give a
+    # raylet of a loaded 2-core machine three 3-s chances to answer.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": dash,
         "_system_config": {"health_check_period_ms": 1000, "health_check_timeout_ms": 3000,
