@@ -147,21 +147,22 @@ def _trial_result_path(cfg: Config) -> Path:
     return tracking.run_root(cfg) / cfg.run.name / TRIAL_RESULT
 
 
-def _finished_result(cfg: Config) -> Optional[dict]:
-    """What a finished trial reported to Tune (``<trial run dir>/trial.json``), or None: a resumed grid
-    sweep reruns every trial, and a finished one reports this again instead of evaluating again."""
+def _reported_again(cfg: Config) -> bool:
+    """A resumed grid sweep reruns every trial: a trial that had finished reports the figures it recorded
+    (``<trial run dir>/trial.json``) again instead of training or evaluating again. True if it did."""
+    from ray import tune
     path = _trial_result_path(cfg)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return False
+    tune.report(json.loads(path.read_text()))
+    return True
 
 
 def _report_finished(cfg: Config, result: dict) -> None:
     """Record a finished trial's figures (atomically: a kill leaves the old file or the new one), then report."""
     from ray import tune
-    path = _trial_result_path(cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    from sftok_platform.train.checkpointing import write_json_atomic
+    write_json_atomic(_trial_result_path(cfg), result)
     tune.report(result)
 
 
@@ -182,9 +183,7 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     overrides = trial_overrides(params, base, budget=ctx.budget or None)
     overrides["run.name"] = key
     cfg = ctx.config(overrides)
-    done = _finished_result(cfg)
-    if done is not None:
-        tune.report(done)
+    if _reported_again(cfg):
         return
     uri = tracking.tracking_uri(cfg)
     own_warmup = ctx.kind == "search" and cfg.stage1.steps > 0
@@ -222,14 +221,11 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
 
 def eval_trial(config: dict, ctx: SweepContext) -> None:
     """One decode-steps trial: evaluate the fixed export at ``config["steps"]`` decoding steps (no training)."""
-    from ray import tune
     _quiet_ray_data()
     steps = int(config["steps"])
     key = trial_key(config)
     cfg = ctx.config({"run.name": key})
-    done = _finished_result(cfg)
-    if done is not None:
-        tune.report(done)
+    if _reported_again(cfg):
         return
     uri = tracking.tracking_uri(cfg)
     run_id = runs.start_trial_run(cfg, ctx.name, ctx.parent_run_id, key, {"steps": steps, "checkpoint": ctx.checkpoint})

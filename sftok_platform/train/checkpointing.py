@@ -79,12 +79,18 @@ def read_done(paths: StagePaths) -> dict:
     return json.loads(paths.done.read_text())
 
 
+def write_json_atomic(path: Path, obj: Any, **dump_kwargs: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temp file and ``os.replace``: a kill leaves the old file
+    or the new one, never half of one (a stage's ``done.json``, a sweep trial's ``trial.json``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, **dump_kwargs))
+    os.replace(tmp, path)
+
+
 def mark_done(paths: StagePaths, info: dict) -> None:
-    paths.dir.mkdir(parents=True, exist_ok=True)
-    tmp = paths.done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}, indent=2,
-                              default=str))
-    os.replace(tmp, paths.done)
+    write_json_atomic(paths.done, {"finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), **info}, indent=2,
+                      default=str)
 
 
 def journal(paths: StagePaths, **entry: Any) -> None:
