@@ -345,12 +345,13 @@ def sample_and_measure(cfg: Config, generator_dir, tokenizer_dir: str, num_class
     import ray.data
 
     from sftok.inception import POOL_DIM
+    from sftok_platform.data.reader import without_progress_bars
     from sftok.metrics import FeatureStats, InceptionScoreStats
     g = cfg.generator
     n = num_classes * g.samples_per_class
     bs = max(1, cfg.eval.batch_size)
     items = [{"index": i, "label": i // g.samples_per_class} for i in range(n)]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(n / bs)))
+    ds = without_progress_bars(ray.data.from_items(items, override_num_blocks=max(1, math.ceil(n / bs))))
     ds = ds.map_batches(SampleDecodeFeatures, batch_size=bs, batch_format="numpy",
                         fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "generator_dir": str(generator_dir),
                                                "tokenizer_dir": str(tokenizer_dir), "teacher": teacher,

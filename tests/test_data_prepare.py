@@ -288,6 +288,44 @@ def test_synthetic_set(ray_local, tmp_path):
     assert prepare_synthetic(out, 30, num_val=10, shard_size=16, quiet=True) == m       # complete: no-op
 
 
+BAD_DATA_COMMANDS = [
+    ["prepare", "--synthetic", "10", "--shard-size", "0"],         # was: silently the default shard size
+    ["prepare", "--synthetic", "10", "--synthetic-val", "-1"],     # was: silently no val split
+    ["prepare", "--synthetic", "10", "--num-cpus", "0"],           # was: a crash inside Ray Data
+    ["prepare", "--synthetic", "10", "--wave-images", "0"],
+    ["prepare", "--source", "SRC", "--resize", "0"],               # was: every task failed inside Ray
+    ["prepare", "--source", "SRC", "--max-pixels", "0"],
+    ["proxy-codes", "SHARDS", "--teacher", "TEACHER", "--batch-size", "0"],
+    ["proxy-codes", "SHARDS", "--teacher", "TEACHER", "--actors", "0"],
+]
+
+
+@pytest.mark.parametrize("argv", BAD_DATA_COMMANDS, ids=[" ".join(a) for a in BAD_DATA_COMMANDS])
+def test_bad_counts_are_refused_before_ray_starts(argv, tmp_path, monkeypatch, capsys):
+    """A zero or negative count ends the data command with exit code 2 and ``--flag N must be >= M``
+    before Ray starts and before anything is written."""
+    import sftok_platform.cluster as cluster
+    from sftok_platform.data.__main__ import main
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a data command whose options are bad")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.new("RGB", (32, 32)).save(src / "a.png")
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (tmp_path / "teacher.bin").write_bytes(b"0")
+    names = {"SRC": str(src), "SHARDS": str(shards), "TEACHER": str(tmp_path / "teacher.bin")}
+    argv = [names.get(a, a) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if argv[0] == "prepare" else []
+    assert main([*argv, *out]) == 2
+    flag, value = argv[-2], argv[-1]
+    assert f"error: {flag} {value} must be >= " in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_resume_after_killed_process(prepared, imagenet, tmp_path):
     """SIGKILL a real `prepare` process (and its Ray, workers included) mid-run, then finish it."""

@@ -103,6 +103,26 @@ def test_train_batches_shapes_and_per_epoch_reshuffle(shards):
     assert [_digest(x) for b in first for x in b["image"].numpy()] == imgs0
 
 
+def test_datasets_draw_no_progress_bars_and_preparing_leaves_the_setting_alone(shards, tmp_path):
+    """Datasets read here draw no Ray Data bars even where the process draws them (the platform's own
+    progress lines are the UI; bars from Train workers flood the console), and preparing shards quietly
+    no longer switches the process's bars off as a side effect (that is what used to hide them, only on
+    a run that had to prepare its data first)."""
+    from ray.data import DataContext
+    ctx = DataContext.get_current()
+    before = ctx.enable_progress_bars
+    ctx.enable_progress_bars = True
+    try:
+        prepare_synthetic(tmp_path / "more", 4, num_val=2, shard_size=2, quiet=True)
+        assert ctx.enable_progress_bars is True
+        ds = read_split(shards, "val", train=False, image_size=SIZE)
+        assert ds.context.enable_progress_bars is False
+        assert ds.map_batches(lambda b: b).context.enable_progress_bars is False    # derived datasets too
+        assert ctx.enable_progress_bars is True
+    finally:
+        ctx.enable_progress_bars = before
+
+
 def test_ensure_dataset(shards, tmp_path, monkeypatch):
     from sftok_platform.config import load_config
     monkeypatch.chdir(tmp_path)

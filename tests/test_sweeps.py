@@ -44,7 +44,7 @@ def test_spaces_and_trial_overrides():
     grid = spaces.replace_ratio_space([0, 0.5, 1.0], [True, False], [0, 1])
     assert grid["replace_prob"] == tune.grid_search([0.0, 0.5, 1.0])
     assert grid["warmup"] == tune.grid_search([True, False])
-    with pytest.raises(ConfigError, match="outside"):
+    with pytest.raises(ConfigError, match=r"1.5 is not a replacement ratio in \[0, 1\]"):
         spaces.replace_ratio_space([1.5])
     with pytest.raises(ConfigError, match="unknown knob"):
         spaces.search_space({"replace_ratio": 1.0})
@@ -476,6 +476,51 @@ def test_replace_ratio_command_runs_the_grid_it_was_given(monkeypatch, capsys):
     assert kwargs["ratios"] == [0.0, 1.0] and kwargs["warmup"] == [False] and kwargs["seeds"] == [0, 2]
     assert kwargs["name"] == "rr" and kwargs["resume"] and kwargs["concurrency"] == 1 and kwargs["num_cpus"] == 3.0
     assert "sweep 'rr': 2 trials" in capsys.readouterr().out
+
+
+BAD_SWEEP_COMMANDS = [      # (command line, what the refusal must say)
+    (["search", "--trials", "0"], "--trials 0: a search runs at least one trial"),
+    (["search", "--seed", "-1"], "--seed -1: Optuna's sampler seed is an integer >= 0"),
+    (["search", "--grace-steps", "0"], "--grace-steps 0: ASHA's grace period is 1 .. the step budget"),
+    (["search", "--grace-steps", "100000"], "--grace-steps 100000: ASHA's grace period is 1 .. the step budget"),
+    (["search", "--fix", "replace_prob=1.5"], "--fix replace_prob=1.5: replace_prob must be in [0, 1]"),
+    (["search", "--fix", "lr=0"], "--fix lr=0: lr must be > 0"),
+    (["search", "--range", "stage1_fraction=0.5,2"], "--range stage1_fraction=0.5,2: both ends must be in [0, 1]"),
+    (["search", "--concurrency", "0"], "--concurrency 0: must be > 0"),
+    (["search", "--driver-cpus", "0"], "--driver-cpus 0: must be > 0"),
+    (["replace-ratio", "--ratios", ""], "--ratios: list at least one value, e.g. --ratios 0,0.5,0.8,1"),
+    (["replace-ratio", "--ratios", "0,1.5"], "1.5 is not a replacement ratio in [0, 1]"),
+    (["replace-ratio", "--seeds", "0,0"], "--seeds lists 0 twice"),
+    (["replace-ratio", "--num-cpus", "-2"], "--num-cpus -2: must be > 0"),
+    (["ablation", "--seeds", "-1"], "-1 is not a seed offset >= 0"),
+    (["ablation", "--steps", "1,0"], "0 is not a number of decoding steps >= 1"),   # the half after the grid
+    (["ablation", "--steps", ""], "--steps: list at least one value"),
+    (["decode-steps", "--checkpoint", "/nonexistent/export"], "--checkpoint /nonexistent/export: no model.safetensors"),
+    (["decode-steps", "--checkpoint", "x", "--steps", "2,2"], "--steps lists 2 twice"),
+    (["decode-steps", "--checkpoint", "x", "--eval-cpus", "0"], "--eval-cpus 0: must be > 0"),
+    (["decode-steps", "--checkpoint", "x", "--eval-gpus", "-1"], "--eval-gpus -1: use 0 (CPU) or a positive share"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_SWEEP_COMMANDS, ids=[" ".join(a) for a, _ in BAD_SWEEP_COMMANDS])
+def test_bad_sweep_arguments_are_refused_before_ray_starts(argv, message, monkeypatch, capsys, tmp_path):
+    """Out-of-range, empty and repeated sweep arguments end the command with exit code 2 and a message that
+    names the flag and the fix, before Ray starts (the whole ablation's arguments before its first half)."""
+    from sftok_platform.sweeps import driver
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        import sweep
+    finally:
+        sys.path.pop(0)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a sweep whose arguments are bad")
+
+    monkeypatch.setattr(driver, "connect", no_ray)
+    assert sweep.main([*argv, "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("configuration error: ") and message in err, err
+    assert not (tmp_path / "sweeps").exists()            # nothing written either
 
 
 def test_ablation_warmup_switch_picks_the_trials_and_the_decode_export(monkeypatch):

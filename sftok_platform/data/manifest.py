@@ -33,6 +33,14 @@ class DataError(ValueError):
     """A data set that cannot be prepared or read. The message says how to fix it."""
 
 
+def check_at_least(*options: tuple[str, float | None, float]) -> None:
+    """Refuse, before any work, each ``(flag, value, minimum)`` whose value is below its minimum (``None``:
+    not given). The data commands call it first, so a zero or negative count never reaches Ray."""
+    for flag, value, minimum in options:
+        if value is not None and value < minimum:
+            raise DataError(f"{flag} {value:g} must be >= {minimum:g}.")
+
+
 def is_remote(path: str) -> bool:
     return "://" in str(path)
 

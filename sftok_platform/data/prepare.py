@@ -49,8 +49,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import synthetic
-from .manifest import (KIND, SCHEMA_VERSION, DataError, file_sha256, fingerprint, is_remote, read_manifest,
-                       write_manifest, load_manifest)
+from .manifest import (KIND, SCHEMA_VERSION, DataError, check_at_least, file_sha256, fingerprint, is_remote,
+                       read_manifest, write_manifest, load_manifest)
 from .sources import Entry, scan_source
 from .validate import CheckOptions, Checked, check_image
 
@@ -292,8 +292,6 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
         from sftok_platform.cluster import connect
         connect(address=address, num_cpus=num_cpus)
         import ray
-        from ray.data import DataContext
-        DataContext.get_current().enable_progress_bars = not quiet
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         total = sum(len(s.entries) for s in todo)
         wave_images = wave_images or total
@@ -311,6 +309,7 @@ def run_job(job: PrepJob, out: str | os.PathLike, *, shard_size: int, wave_image
                       "labels": [e.label for e in s.entries]} for s in wave]
             # one block per shard, so that each shard is one task (Ray Data's tasks retry when their worker dies)
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map(build)
+            ds.context.enable_progress_bars = not quiet    # this dataset only: the process's setting stays
             # leaving this loop early (an error, Ctrl-C) shuts the pipeline down and cancels its running
             # shard tasks; a task cancelled mid-write deletes its temp file (write_shard)
             for row in ds.iter_rows():
@@ -341,6 +340,8 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, resize: int | 
             val_fraction: float = 0.0, wave_images: int | None = None, quiet: bool = False,
             address: str | None = None, num_cpus: int | None = None) -> dict[str, Any]:
     """Prepare an image folder (ImageNet layout, class folders or unlabeled) into Parquet shards."""
+    check_at_least(("--resize", resize, 1), ("--shard-size", shard_size, 1), ("--min-size", min_size, 0),
+                   ("--max-pixels", max_pixels, 1), ("--wave-images", wave_images, 1), ("--num-cpus", num_cpus, 1))
     plan = scan_source(source, val_labels=val_labels, class_names=class_names, unlabeled=unlabeled,
                        val_fraction=val_fraction)
     for note in plan.notes:
@@ -352,8 +353,6 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, *, resize: int | 
         if resize:
             avg = min(avg, 0.35 * resize * resize)     # q95 JPEG at ~resize^2 pixels: ~0.3 bytes/pixel
         shard_size = auto_shard_size(avg)
-    if shard_size < 1:
-        raise DataError(f"--shard-size {shard_size} must be >= 1.")
     opts = CheckOptions(resize=resize, min_size=min_size, max_pixels=max_pixels)
     rows = ([split, e.relpath, e.label] for split, entries in plan.splits.items() for e in entries)
     job = PrepJob(
@@ -372,6 +371,8 @@ def prepare_synthetic(out: str | os.PathLike, num_images: int, *, num_val: int |
     """The built-in data set: ``num_images`` train + ``num_val`` (default 10%) val images, seeded."""
     if num_images < 1:
         raise DataError(f"--synthetic {num_images}: ask for at least 1 image (e.g. --synthetic 2000).")
+    check_at_least(("--synthetic-val", num_val, 0), ("--seed", seed, 0), ("image size", image_size, 8),
+                   ("--shard-size", shard_size, 1), ("--wave-images", wave_images, 1), ("--num-cpus", num_cpus, 1))
     num_val = max(1, num_images // 10) if num_val is None else num_val
     splits = {"train": [Entry(synthetic.relpath("train", i), i % len(synthetic.CLASSES)) for i in range(num_images)]}
     if num_val > 0:

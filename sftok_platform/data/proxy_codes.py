@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import PROXY_CODES_COLUMN, DataError, file_sha256, is_remote, load_manifest, write_manifest
+from .manifest import PROXY_CODES_COLUMN, DataError, check_at_least, file_sha256, is_remote, load_manifest, write_manifest
 from .prepare import ROW_GROUP_SIZE
 from .reader import read_parquet
 from .transforms import eval_transform
@@ -81,6 +81,8 @@ def add_proxy_codes(shards_dir: str, teacher: str, *, hidden_channels: int = 128
                     actors: int | None = None, wave_images: int = 20_000, address: str | None = None,
                     quiet: bool = False) -> dict[str, Any]:
     """Add ``proxy_codes`` (center crop, 256 x uint16) to every shard of ``shards_dir``. Resumable."""
+    check_at_least(("--hidden-channels", hidden_channels, 1), ("--batch-size", batch_size, 1),
+                   ("--actors", actors, 1), ("--wave-images", wave_images, 1))
     if is_remote(shards_dir):
         raise DataError("proxy-codes rewrites shards in place: run it on the local/NFS copy, then sync.")
     out = Path(shards_dir).resolve()

@@ -50,7 +50,7 @@ def read_parquet(paths, **kwargs):
 
     V1 samples a file when the dataset is created; its progress bar and its two INFO lines ("Estimated
     parquet encoding ratio", "... reader batch size") would show on the console at every stage and trial,
-    so they are silenced here. The dataset's own execution keeps the caller's progress-bar setting."""
+    so they are silenced here. The dataset draws no progress bars either (:func:`without_progress_bars`)."""
     import logging
     import os
 
@@ -65,7 +65,19 @@ def read_parquet(paths, **kwargs):
         ds = ray.data.read_parquet(paths, **kwargs)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = saved
-    ds.context.enable_progress_bars = saved[1]
+    return without_progress_bars(ds)
+
+
+def without_progress_bars(ds):
+    """``ds`` (and every dataset derived from it: they share its ``DataContext``) draws no Ray Data
+    progress bars, whatever the process-wide setting.
+
+    Every job of this platform prints its own progress lines (stage steps, evaluation images, shards
+    written). Bars drawn where a dataset executes inside Ray Train workers or Tune trials reach the
+    driver's console through Ray's log forwarding, one redrawn line per operator: a no-flag pipeline
+    run on prepared shards printed 127 bar lines in its first 45 s, and the 12-trial laptop ablation
+    wrote an 11 MB log of them (434k lines)."""
+    ds.context.enable_progress_bars = False
     return ds
 
 

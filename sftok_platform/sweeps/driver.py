@@ -34,8 +34,9 @@ from sftok_platform import tracking
 from sftok_platform.cluster import connect
 from sftok_platform.sweeps import report as reporting
 from sftok_platform.sweeps import runs
-from sftok_platform.sweeps.spaces import (decode_steps_space, replace_ratio_space, search_space, trial_key,
-                                          trial_overrides)
+from sftok_platform.sweeps.spaces import (check_decode_steps, check_seeds, check_sweep_arguments, check_warmup,
+                                         decode_steps_space, replace_ratio_space, search_space, trial_key,
+                                         trial_overrides)
 
 TUNE_DIR = "tune"
 
@@ -131,15 +132,6 @@ def prepare_shared(ctx: SweepContext, *, need_stage1: bool, echo: Callable[[str]
 # Trainables
 # ######################################################################################################
 
-def _quiet_ray_data() -> None:
-    """No Ray Data progress bars from a trial. Its datasets are created here and travel, context included,
-    to the Train workers, whose bars (one per operator, redrawn with cursor escapes) reach the sweep's
-    console through Ray's log forwarding: the 12-trial laptop ablation wrote an 11 MB log, 434k lines of
-    them. Tune's status table already shows where a sweep is; a trial's own progress is in its MLflow run."""
-    from ray.data import DataContext
-    DataContext.get_current().enable_progress_bars = False
-
-
 TRIAL_RESULT = "trial.json"
 
 
@@ -176,7 +168,6 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
     from ray import tune
 
     from sftok_platform.train import run_stage
-    _quiet_ray_data()
     params = {k: v for k, v in config.items()}
     key = trial_key(params, tune.get_context().get_trial_id())
     base = ctx.config()
@@ -221,7 +212,6 @@ def train_trial(config: dict, ctx: SweepContext) -> None:
 
 def eval_trial(config: dict, ctx: SweepContext) -> None:
     """One decode-steps trial: evaluate the fixed export at ``config["steps"]`` decoding steps (no training)."""
-    _quiet_ray_data()
     steps = int(config["steps"])
     key = trial_key(config)
     cfg = ctx.config({"run.name": key})
@@ -360,10 +350,12 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
         debug: fault injection forwarded to ``run_stage`` (tests).
     """
     from ray import tune
-    if kind not in ("replace-ratio", "decode-steps", "search"):
-        raise ConfigError(f"unknown sweep {kind!r}; use replace-ratio, decode-steps or search.")
-    if evaluation not in ("val", "full"):
-        raise ConfigError(f"evaluation={evaluation!r}: use val (validation CE/PSNR) or full (rFID etc.).")
+    check_sweep_arguments(kind, evaluation=evaluation, ratios=ratios, warmup=warmup, seeds=seeds, steps=steps,
+                          checkpoint=checkpoint, trials=trials, fixed=fixed, ranges=ranges, concurrency=concurrency,
+                          driver_cpus=driver_cpus, eval_cpus=eval_cpus, eval_gpus=eval_gpus, grace_steps=grace_steps,
+                          optuna_seed=optuna_seed, num_cpus=num_cpus, budget=cfg.stage1.steps + cfg.stage2.steps)
+    if kind == "decode-steps":
+        checkpoint = resolve_export(checkpoint)
     t0 = time.time()
     name = name or kind
     sweep_dir = _sweep_dir(cfg, name)
@@ -386,10 +378,6 @@ def run_sweep(kind: str, cfg: Config, *, name: Optional[str] = None, resume: boo
 
     # -------------------------------------------------------------- what the trials share
     if kind == "decode-steps":
-        if not checkpoint:
-            raise ConfigError("decode-steps needs --checkpoint <export dir> (model.safetensors + config.json), "
-                              "e.g. runs/<run>/stages/stage3/export.")
-        checkpoint = resolve_export(checkpoint)
         ratios_or_steps = list(steps or base.eval.steps or (1, 2, 4, 8, 16))
         space = decode_steps_space(ratios_or_steps)
         description = {"kind": kind, "checkpoint": checkpoint, "steps": ratios_or_steps}
@@ -488,11 +476,9 @@ def run_ablation(cfg: Config, *, name: Optional[str] = None, seeds=(0, 1, 2), st
 
     ``sweep_kwargs`` go to both :func:`run_sweep` calls (``concurrency``, ``num_cpus``, ``evaluation`` ...).
     """
-    if not seeds:
-        raise ConfigError("the ablation needs at least one seed, e.g. --seeds 0,1,2.")
-    warmup = tuple(dict.fromkeys(bool(w) for w in warmup))
-    if not warmup:
-        raise ConfigError("the ablation needs a warm-up setting: --warmup on, off or on,off.")
+    # both halves' arguments are checked before the first one trains (the decode steps ~25 minutes later)
+    warmup, seeds = tuple(check_warmup(warmup)), tuple(check_seeds(seeds))
+    check_decode_steps(steps)
     name = name or "ablation"
     grid = run_sweep("replace-ratio", cfg, name=name, resume=resume, ratios=ABLATION_RATIOS,
                      warmup=warmup, seeds=seeds, echo=echo, **sweep_kwargs)

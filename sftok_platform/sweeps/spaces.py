@@ -40,6 +40,126 @@ SEARCH_RANGES = {
 
 
 # ######################################################################################################
+# Checking a sweep's arguments (before Ray starts)
+# ######################################################################################################
+
+# where each search knob may lie; the log-scale knobs (lr, unmasked_weight) only need to be > 0
+KNOB_DOMAINS = {"replace_prob": (0.0, 1.0), "stage1_fraction": (0.0, 1.0)}
+LOG_KNOBS = ("unmasked_weight", "lr")
+
+
+def _listed(values, flag: str, example: str, *, check, what: str) -> list:
+    """``values`` as a list that is non-empty, holds no value twice and passes ``check`` for each value."""
+    values = list(values)
+    if not values:
+        raise ConfigError(f"{flag}: list at least one value, e.g. {flag} {example}.")
+    bad = [v for v in values if not check(v)]
+    if bad:
+        raise ConfigError(f"{flag} {','.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)}: "
+                          f"{bad[0]} is not {what}; e.g. {flag} {example}.")
+    if len(set(values)) < len(values):
+        twice = next(v for v in values if values.count(v) > 1)
+        raise ConfigError(f"{flag} lists {twice} twice: every value is one trial, named after it.")
+    return values
+
+
+def check_ratios(ratios: Sequence[float]) -> list[float]:
+    return _listed([float(r) for r in ratios], "--ratios", "0,0.5,0.8,1", check=lambda r: 0.0 <= r <= 1.0,
+                   what="a replacement ratio in [0, 1]")
+
+
+def check_seeds(seeds: Sequence[int]) -> list[int]:
+    return _listed([int(s) for s in seeds], "--seeds", "0,1,2", check=lambda s: s >= 0,
+                   what="a seed offset >= 0 (it is added to train.seed)")
+
+
+def check_warmup(warmup: Sequence[bool]) -> list[bool]:
+    """The warm-up settings in order, each once (``on,on`` is ``on``)."""
+    return _listed(list(dict.fromkeys(bool(w) for w in warmup)), "--warmup", "on,off", check=lambda w: True,
+                   what="on or off")
+
+
+def check_decode_steps(steps: Sequence[int]) -> list[int]:
+    return _listed([int(s) for s in steps], "--steps", "1,2,4,8,16", check=lambda s: s >= 1,
+                   what="a number of decoding steps >= 1")
+
+
+def check_search_knobs(fixed: Optional[dict], ranges: Optional[dict]) -> dict[str, tuple[float, float]]:
+    """The search's ``(low, high)`` per knob after ``ranges``; refuses unknown knobs and values outside a
+    knob's domain (``KNOB_DOMAINS``, ``> 0`` for the log-scale ones), in ``fixed`` and in ``ranges``."""
+    fixed, ranges = dict(fixed or {}), dict(ranges or {})
+    unknown = (set(fixed) - {"seed"} | set(ranges)) - set(SEARCH_RANGES)
+    if unknown:
+        raise ConfigError(f"unknown knob(s) {sorted(unknown)}: the search varies {', '.join(SEARCH_RANGES)} "
+                          "(and seed).")
+
+    def inside(k: str, v: float) -> bool:
+        lo, hi = KNOB_DOMAINS.get(k, (0.0, float("inf")))
+        return lo <= v <= hi and (v > 0 or k not in LOG_KNOBS)
+
+    def domain(k: str) -> str:
+        return "> 0 (log scale)" if k in LOG_KNOBS else "in [{:g}, {:g}]".format(*KNOB_DOMAINS[k])
+
+    for k, v in fixed.items():
+        if k == "seed":
+            if float(v) != int(v) or int(v) < 0:
+                raise ConfigError(f"--fix seed={v:g}: a seed offset is an integer >= 0.")
+        elif not inside(k, float(v)):
+            raise ConfigError(f"--fix {k}={v:g}: {k} must be {domain(k)}.")
+    bounds = {**SEARCH_RANGES, **{k: tuple(float(x) for x in v) for k, v in ranges.items()}}
+    for k, (lo, hi) in bounds.items():
+        if not lo <= hi:
+            raise ConfigError(f"--range {k}={lo:g},{hi:g}: need low <= high.")
+        if not (inside(k, lo) and inside(k, hi)):
+            raise ConfigError(f"--range {k}={lo:g},{hi:g}: both ends must be {domain(k)}.")
+    return bounds
+
+
+def check_sweep_arguments(kind: str, *, evaluation: str = "val", ratios=None, warmup=(True, False), seeds=(0,),
+                          steps=None, checkpoint: str = "", trials: int = 16, fixed: Optional[dict] = None,
+                          ranges: Optional[dict] = None, concurrency: Optional[int] = None,
+                          driver_cpus: float = 0.25, eval_cpus: float = 1.0, eval_gpus: float = 0.0,
+                          grace_steps: Optional[int] = None, optuna_seed: int = 0,
+                          num_cpus: Optional[float] = None, budget: Optional[int] = None) -> None:
+    """Refuse, before Ray starts and before any training, every argument of a sweep that is out of range,
+    empty or repeated, saying which flag and how to fix it (``run_sweep`` calls this first). ``budget``:
+    the search's step budget (``stage1.steps + stage2.steps``), which the ASHA grace period must not pass."""
+    if kind not in KINDS:
+        raise ConfigError(f"unknown sweep {kind!r}; use {', '.join(KINDS)}.")
+    if evaluation not in ("val", "full"):
+        raise ConfigError(f"--evaluation {evaluation!r}: use val (validation CE/PSNR) or full (rFID etc.).")
+    positive = [("--concurrency", concurrency), ("--num-cpus", num_cpus)]
+    if kind == "decode-steps":
+        positive.append(("--eval-cpus", eval_cpus))
+        if eval_gpus < 0:
+            raise ConfigError(f"--eval-gpus {eval_gpus:g}: use 0 (CPU) or a positive share of a GPU, e.g. 0.5.")
+        if not checkpoint:
+            raise ConfigError("decode-steps needs --checkpoint <export dir> (model.safetensors + config.json), "
+                              "e.g. runs/<run>/stages/stage3/export.")
+        if steps is not None:
+            check_decode_steps(steps)
+    else:
+        positive.append(("--driver-cpus", driver_cpus))
+    for flag, value in positive:
+        if value is not None and not value > 0:
+            raise ConfigError(f"{flag} {value:g}: must be > 0 (leave it out for the default).")
+    if kind == "replace-ratio":
+        if ratios is not None:
+            check_ratios(ratios)
+        check_warmup(warmup)
+        check_seeds(seeds)
+    elif kind == "search":
+        if trials < 1:
+            raise ConfigError(f"--trials {trials}: a search runs at least one trial, e.g. --trials 16.")
+        if optuna_seed < 0:
+            raise ConfigError(f"--seed {optuna_seed}: Optuna's sampler seed is an integer >= 0.")
+        if grace_steps is not None and not 1 <= grace_steps <= (budget or grace_steps):
+            raise ConfigError(f"--grace-steps {grace_steps}: ASHA's grace period is 1 .. the step budget "
+                              f"({budget} = stage1.steps + stage2.steps); leave it out for budget / 4.")
+        check_search_knobs(fixed, ranges)
+
+
+# ######################################################################################################
 # Search spaces
 # ######################################################################################################
 
@@ -47,21 +167,15 @@ def replace_ratio_space(ratios: Sequence[float] = REPLACE_RATIOS, warmup: Sequen
                         seeds: Sequence[int] = (0,)) -> dict:
     """Grid over replacement ratio x warm-up x seed (one trial per combination)."""
     from ray import tune
-    for r in ratios:
-        if not 0.0 <= float(r) <= 1.0:
-            raise ConfigError(f"replacement ratio {r} is outside [0, 1]; use e.g. --ratios 0,0.5,0.8,1.")
-    return {"replace_prob": tune.grid_search([float(r) for r in ratios]),
-            "warmup": tune.grid_search([bool(w) for w in warmup]),
-            "seed": tune.grid_search([int(s) for s in seeds])}
+    return {"replace_prob": tune.grid_search(check_ratios(ratios)),
+            "warmup": tune.grid_search(check_warmup(warmup)),
+            "seed": tune.grid_search(check_seeds(seeds))}
 
 
 def decode_steps_space(steps: Sequence[int] = DECODE_STEPS) -> dict:
     """Grid over the number of decoding steps (eval only)."""
     from ray import tune
-    steps = [int(s) for s in steps]
-    if not steps or min(steps) < 1:
-        raise ConfigError(f"decoding steps {steps}: use positive integers, e.g. --steps 1,2,4,8,16.")
-    return {"steps": tune.grid_search(steps)}
+    return {"steps": tune.grid_search(check_decode_steps(steps))}
 
 
 def search_space(fixed: Optional[dict] = None, ranges: Optional[dict] = None) -> dict:
@@ -71,15 +185,8 @@ def search_space(fixed: Optional[dict] = None, ranges: Optional[dict] = None) ->
     of a knob (``SEARCH_RANGES``).
     """
     from ray import tune
+    bounds = check_search_knobs(fixed, ranges)
     fixed = dict(fixed or {})
-    bounds = {**SEARCH_RANGES, **{k: tuple(v) for k, v in (ranges or {}).items()}}
-    unknown = (set(fixed) - {"seed"} | set(ranges or {})) - set(SEARCH_RANGES)
-    if unknown:
-        raise ConfigError(f"unknown knob(s) {sorted(unknown)}: the search varies {', '.join(SEARCH_RANGES)} "
-                          "(and seed).")
-    for k, (lo, hi) in bounds.items():
-        if not lo <= hi or (k in ("unmasked_weight", "lr") and lo <= 0):
-            raise ConfigError(f"range of {k} = ({lo}, {hi}): need low <= high{' and low > 0 (log scale)' if k in ('unmasked_weight', 'lr') else ''}.")
     space: dict[str, Any] = {
         "replace_prob": tune.uniform(*bounds["replace_prob"]),
         "unmasked_weight": tune.loguniform(*bounds["unmasked_weight"]),
@@ -152,6 +259,6 @@ def strategy_name(replace_prob: float) -> str:
     return "Vanilla" if float(replace_prob) == 0.0 else "SFVR"
 
 
-__all__ = ["REPLACE_RATIOS", "DECODE_STEPS", "KINDS", "SEARCH_RANGES", "replace_ratio_space",
+__all__ = ["REPLACE_RATIOS", "DECODE_STEPS", "KINDS", "SEARCH_RANGES", "check_sweep_arguments", "replace_ratio_space",
            "decode_steps_space", "search_space", "split_budget", "trial_overrides", "trial_key",
            "strategy_name"]

@@ -309,7 +309,8 @@ def run_pipeline(cfg: Config, *, with_generator: bool = False, debug: Optional[d
     cfg.save(rdir / "config.yaml")
 
     from sftok_platform.data import ensure_dataset
-    echo(f"[pipeline] run {cfg.run.name!r} in {rdir}; stages {', '.join(stages)}; preparing data ...")
+    echo(f"[pipeline] run {cfg.run.name!r} in {rdir}; stages {', '.join(stages)}; "
+         + ("checking the data ..." if cfg.data.path else "preparing the built-in data set (or reusing it) ..."))
     shards = ensure_dataset(cfg)
     echo(f"[pipeline] data: {shards}")
     parent = tracking.start_parent_run(cfg)
