@@ -395,11 +395,11 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
     """
     ev = cfg.eval if cfg is not None else None
     steps = [int(s) for s in (steps if steps is not None else (ev.steps if ev else DEFAULT_STEPS))]
-    if not steps or min(steps) < 1:
-        raise ConfigError(f"steps={steps}: give one or more decoding step counts >= 1, e.g. --steps 1,2,4,8.")
     temperature = float(temperature if temperature is not None else (ev.temperature if ev else 0.0))
     max_images = int(max_images if max_images is not None else (ev.max_images if ev else 0))
     batch_size = int(batch_size if batch_size is not None else (ev.batch_size if ev else 32))
+    check_eval_arguments(steps, temperature=temperature, max_images=max_images, batch_size=batch_size,
+                         num_actors=num_actors, inception_input_size=inception_input_size)
     if inception_weights is None:
         inception_weights = ev.inception_weights if ev else ""
     if lpips_weights is None and cfg is not None:
@@ -459,6 +459,30 @@ def evaluate_checkpoint(checkpoint, shards: str, cfg: Optional[Config] = None, *
         if out:
             write_json(result, out)
     return result
+
+
+def check_eval_arguments(steps: Sequence[int], *, temperature: float = 0.0, max_images: int = 0,
+                         batch_size: int = 32, num_actors: Optional[int] = None,
+                         inception_input_size: int = 299) -> None:
+    """Refuse, before Ray starts and any image is decoded, every evaluation argument out of range (the
+    flag and the fix in the message). Step counts are listed once each: they name the per-step results."""
+    steps = list(steps)
+    if not steps or min(steps) < 1:
+        raise ConfigError(f"steps={steps}: give one or more decoding step counts >= 1, e.g. --steps 1,2,4,8.")
+    if len(set(steps)) < len(steps):
+        raise ConfigError(f"steps={steps}: list each decoding step count once, e.g. --steps 1,2,4,8.")
+    if temperature < 0:
+        raise ConfigError(f"--temperature {temperature:g}: use 0 (deterministic) or a positive sampling "
+                          "temperature (official: 1.0).")
+    if max_images < 0:
+        raise ConfigError(f"--max-images {max_images}: use 0 for the whole split or a positive count.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be >= 1 (default 32).")
+    if num_actors is not None and num_actors < 1:
+        raise ConfigError(f"--num-actors {num_actors}: must be >= 1 (leave it out for one per GPU, or 1).")
+    if inception_input_size < 75:
+        raise ConfigError(f"--inception-input-size {inception_input_size}: Inception-v3 needs >= 75 px "
+                          "(299 is the FID protocol).")
 
 
 def _peek_model_config(checkpoint):
@@ -625,9 +649,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ValueError:
         print(f"error: --steps {args.steps!r}: use comma-separated integers, e.g. 1,2,4,8", file=sys.stderr)
         return 2
+    from sftok_platform.data import DataError, load_manifest
+    try:       # everything that can be refused is refused here, before Ray starts
+        check_eval_arguments(steps, temperature=args.temperature, max_images=args.max_images,
+                             batch_size=args.batch_size, num_actors=args.num_actors,
+                             inception_input_size=args.inception_input_size)
+        if not Path(args.checkpoint).exists():
+            raise ConfigError(f"--checkpoint {args.checkpoint}: no such file or directory (a stage export, "
+                              "e.g. runs/tiny/stages/stage3/export, or an official checkpoint).")
+        load_manifest(args.data)
+        teacher = _load_teacher(args.teacher, args.teacher_hidden_channels) if args.teacher else None
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if _is_random(args.inception_weights):
         print(f"WARNING: {RANDOM_WEIGHTS_NOTE}", file=sys.stderr)
-    teacher = _load_teacher(args.teacher, args.teacher_hidden_channels) if args.teacher else None
     if not args.no_ray:
         from sftok_platform.cluster import connect
         connect(address=args.ray_address or None)

@@ -167,6 +167,36 @@ def test_command_line(setup, tmp_path, capsys):
     assert main(["--checkpoint", str(root / "ckpt"), "--data", shards, "--steps", "x"]) == 2
 
 
+BAD_EVAL_ARGUMENTS = [    # (arguments, what the refusal says); each used to start Ray and fail, run or trace back
+    (["--steps", "0"], "decoding step counts >= 1"),
+    (["--steps", "1,1"], "list each decoding step count once"),
+    (["--temperature", "-1"], "--temperature -1: use 0 (deterministic)"),
+    (["--max-images", "-1"], "--max-images -1: use 0 for the whole split"),
+    (["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+    (["--num-actors", "0"], "--num-actors 0: must be >= 1"),
+    (["--inception-input-size", "32"], "Inception-v3 needs >= 75 px"),
+    (["--checkpoint", "/nonexistent/export"], "--checkpoint /nonexistent/export: no such file or directory"),
+    (["--data", "/nonexistent/shards"], "no manifest.json in /nonexistent/shards"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD_EVAL_ARGUMENTS, ids=[" ".join(a) for a, _ in BAD_EVAL_ARGUMENTS])
+def test_bad_command_line_arguments_are_refused_before_ray_starts(setup, extra, message, capsys, monkeypatch):
+    """Exit code 2 and one ``error:`` line that says what to change; no traceback, no Ray."""
+    import sftok_platform.cluster as cluster
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for an evaluation whose arguments are bad")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    root, shards, _, _ = setup
+    args = {"--checkpoint": str(root / "ckpt"), "--data": shards}
+    args.update(dict(zip(extra[::2], extra[1::2])))
+    assert main([x for kv in args.items() for x in kv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+
+
 def test_lpips_with_local_weight_files_and_random_is_skipped(setup, tmp_path):
     from sftok.lpips import LPIPS, _vgg16_features
     root, shards, _, _ = setup
