@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             from .prepare import prepare, prepare_synthetic
             common = dict(wave_images=args.wave_images, quiet=args.quiet, address=args.address, num_cpus=args.num_cpus)
             if args.synthetic is not None:
+                shard_size = {"shard_size": args.shard_size} if args.shard_size is not None else {}
                 m = prepare_synthetic(args.out, args.synthetic, num_val=args.synthetic_val, seed=args.seed,
-                                      **({"shard_size": args.shard_size} if args.shard_size is not None else {}), **common)
+                                      **shard_size, **common)
             else:
                 m = prepare(args.source, args.out, resize=args.resize, shard_size=args.shard_size,
                             min_size=args.min_size, max_pixels=args.max_pixels, val_labels=args.val_labels,

@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .manifest import PROXY_CODES_COLUMN, DataError, check_at_least, file_sha256, is_remote, load_manifest, write_manifest
+from .manifest import (PROXY_CODES_COLUMN, DataError, check_at_least, file_sha256, is_remote, load_manifest,
+                       write_manifest)
 from .prepare import ROW_GROUP_SIZE
 from .reader import read_parquet
 from .transforms import eval_transform
