@@ -256,6 +256,9 @@ class Config:
         if not self.eval.steps or any(not isinstance(n, int) or n < 1 for n in self.eval.steps):
             raise ConfigError(f"eval.steps={self.eval.steps}: list one or more decoding step counts >= 1, "
                               "e.g. eval.steps=[1,2,4,8].")
+        if len(set(self.eval.steps)) < len(self.eval.steps):
+            raise ConfigError(f"eval.steps={self.eval.steps}: list each decoding step count once (they name "
+                              "the per-step results), e.g. eval.steps=[1,2,4,8].")
         check_ranges(self._range_rules())
         return self
 

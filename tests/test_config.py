@@ -92,6 +92,7 @@ def test_type_errors(override, match):
     # zero, negative and empty values: refused here, before Ray or any compute starts
     ("eval.steps=[0]", r"decoding step counts >= 1"),
     ("eval.steps=[]", r"decoding step counts >= 1"),
+    ("eval.steps=[1,2,2]", r"list each decoding step count once"),    # else refused only at the final evaluation
     ("stage1.lr=-1", r"stage1.lr=-1.0 is out of range: it must be > 0"),
     ("stage1.global_batch_size=0", r"stage1.global_batch_size=0 is out of range: it must be a whole number >= 1"),
     ("stage3.steps=0", r"stage3.steps=0 is out of range"),
