@@ -34,7 +34,7 @@ from sftok_platform import tracking
 from sftok_platform.cluster import connect
 from sftok_platform.sweeps import report as reporting
 from sftok_platform.sweeps import runs
-from sftok_platform.sweeps.spaces import (check_decode_steps, check_seeds, check_sweep_arguments, check_warmup,
+from sftok_platform.sweeps.spaces import (check_decode_steps, check_sweep_arguments, check_warmup,
                                          decode_steps_space, replace_ratio_space, search_space, trial_key,
                                          trial_overrides)
 
@@ -476,8 +476,8 @@ def run_ablation(cfg: Config, *, name: Optional[str] = None, seeds=(0, 1, 2), st
 
     ``sweep_kwargs`` go to both :func:`run_sweep` calls (``concurrency``, ``num_cpus``, ``evaluation`` ...).
     """
-    # both halves' arguments are checked before the first one trains (the decode steps ~25 minutes later)
-    warmup, seeds = tuple(check_warmup(warmup)), tuple(check_seeds(seeds))
+    # the grid's arguments are checked by its run_sweep; the decode half's steps here, not ~25 minutes later
+    warmup = tuple(check_warmup(warmup))
     check_decode_steps(steps)
     name = name or "ablation"
     grid = run_sweep("replace-ratio", cfg, name=name, resume=resume, ratios=ABLATION_RATIOS,
